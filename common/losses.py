@@ -1,0 +1,357 @@
+"""Chunked fused-linear losses over the full vocabulary: never hold [N, V] logits.
+
+Why this exists: Qwen3's vocabulary has 151,936 entries, so the fp32 logits of one 16k-token micro-batch
+are 16384 * 151936 * 4 B ~ 10 GB, and autograd keeps several tensors of that size alive (logits,
+log-softmax, probabilities, their grads). Both losses below walk over the tokens in chunks of
+`chunk_size` rows, build that chunk's logits from the final hidden states and the lm_head weight, reduce
+them to what is needed, and drop them: the peak is a few [chunk_size, V] buffers instead of [N, V].
+
+    fused_linear_kl           TS-OPSD distillation: divergence between the student softmax(z_s) and the
+                              temperature-scaled self-teacher softmax(z_t / tau), mean over masked
+                              tokens, with per-token diagnostics (entropies, divergence, top-1 agreement)
+                              from the same pass.
+    chunked_logprob_entropy   the RL trainer's log pi(target) (with gradient) and token entropy (without).
+    entropy_from_hidden       token entropy only, e.g. to monitor reheating or stop at a target entropy.
+
+The per-chunk math lives in plain functions that run either compiled with torch.compile (dynamic=False,
+every chunk has the same static shape: the last one is padded) or eagerly: `compiled=False` calls the very
+same Python function, so the two can be tested against each other. Matmuls stay outside the compiled
+region (they are library GEMMs either way); what compilation buys is fusing the softmax passes.
+
+The distillation loss computes its gradients during the forward pass, chunk by chunk (as Liger-Kernel's
+fused linear losses do) and keeps only d hidden [N, H] and d weight [V, H]: the loss is a scalar, so its
+backward only rescales them by grad_output. The log-prob function cannot do that (its output is per-token
+and the upstream gradient is only known in backward), so it saves each token's logsumexp and recomputes
+the chunk logits in backward: one extra GEMM, no extra memory.
+"""
+import math
+
+import torch
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+STAT_NAMES = ("student_entropy", "teacher_entropy", "divergence", "top1_agree")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and accumulation dtype: fp32 for bf16/fp16 inputs, the input's own dtype for fp32/fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _accumulate_weight_grad(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w [V, H] += dz.T [V, C] @ h [C, H], with grad_w in the accumulation dtype."""
+    if dz.dtype == grad_w.dtype:
+        grad_w.addmm_(dz.T, h)  # in place: no [V, H] temporary per chunk
+    elif dz.is_cuda:
+        grad_w.add_(torch.mm(dz.T, h, out_dtype=grad_w.dtype))  # bf16 GEMM, fp32 output, no rounding
+    else:
+        grad_w.add_(torch.mm(dz.T, h))  # CPU has no mixed-dtype GEMM: one bf16 rounding per chunk
+
+
+def _maybe_compile(fn):
+    """torch.compile lazily (nothing is compiled before the first call), static shapes."""
+    return torch.compile(fn, dynamic=False)
+
+
+# ----------------------------------------------------------------------------- distillation: per-chunk math
+
+def _distill_chunk_(z_s, z_t, row_weight, inv_tau: float, divergence: str, beta: float, with_stats: bool):
+    """One chunk of the TS-OPSD divergence; overwrites z_s with d(loss)/d(z_s).
+
+    z_s [C, V] student logits, z_t [C, V] raw teacher logits (before 1/tau), row_weight [C] = 1/n_valid for
+    real tokens and 0 for the padding rows of the last chunk. Writing the gradient into z_s's buffer saves
+    one [C, V] allocation per chunk (on CPU every fresh large buffer is also a round of page faults).
+    Returns (sum of weighted per-token divergences, stats tuple or None).
+    """
+    zs = z_s.to(row_weight.dtype)  # [C, V], fp32 math for bf16 inputs
+    zt = z_t.to(row_weight.dtype) * inv_tau  # [C, V]
+    logp_s = zs - zs.logsumexp(-1, keepdim=True)
+    logp_t = zt - zt.logsumexp(-1, keepdim=True)
+    p_s = logp_s.exp()
+    p_t = None
+    # d(div)/d(z_s): the softmax Jacobian turns d(div)/d(p_s) = g into p_s * (g - sum(p_s * g)).
+    if divergence == "reverse_kl":  # KL(p_s || p_t), mode-seeking
+        log_ratio = logp_s - logp_t
+        div = (p_s * log_ratio).sum(-1)  # [C]
+        grad = p_s * (log_ratio - div[:, None])  # g = log(p_s/p_t) + 1, the +1 cancels
+    elif divergence == "forward_kl":  # KL(p_t || p_s), mass-covering
+        p_t = logp_t.exp()
+        div = (p_t * (logp_t - logp_s)).sum(-1)
+        grad = p_s - p_t
+    else:  # generalised JSD with M = (1 - beta) p_s + beta p_t
+        p_t = logp_t.exp()
+        # log M as a two-term logsumexp of log-probs: finite even where both p_s and p_t underflow to 0.
+        log_m = torch.logaddexp(logp_s + math.log(1.0 - beta), logp_t + math.log(beta))
+        kl_s = (p_s * (logp_s - log_m)).sum(-1)  # KL(p_s || M)
+        kl_t = (p_t * (logp_t - log_m)).sum(-1)  # KL(p_t || M)
+        div = beta * kl_t + (1.0 - beta) * kl_s
+        grad = (1.0 - beta) * p_s * (logp_s - log_m - kl_s[:, None])  # g = (1-beta) log(p_s/M), rest cancels
+    z_s.copy_(grad * row_weight[:, None])
+    loss = (div * row_weight).sum()
+    if not with_stats:
+        return loss, None
+    if p_t is None:
+        p_t = logp_t.exp()
+    stats = (
+        -(p_s * logp_s).sum(-1),  # student_entropy
+        -(p_t * logp_t).sum(-1),  # teacher_entropy (of softmax(z_t / tau))
+        div,
+        (zs.argmax(-1) == zt.argmax(-1)).to(row_weight.dtype),  # top1_agree
+    )
+    return loss, stats
+
+
+_distill_chunk_compiled = _maybe_compile(_distill_chunk_)
+
+
+class FusedLinearKL(torch.autograd.Function):
+    """Chunked divergence between softmax(h_s W_s^T) and softmax(h_t W_t^T / tau); see fused_linear_kl."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
+                tau, divergence, beta, chunk_size, compiled, return_stats, need_dh, need_dw):
+        n_tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
+        dtype, device = student_hidden.dtype, student_hidden.device
+        acc = _acc_dtype(dtype)
+        chunk_fn = _distill_chunk_compiled if compiled else _distill_chunk_
+
+        # Only valid tokens are computed: gather them into dense chunks, so masked prompt tokens (or whole
+        # masked sequences) cost nothing. The single host sync here also gives the static chunk count.
+        valid_idx = mask.nonzero().squeeze(1)  # [n_valid]
+        n_valid = valid_idx.numel()
+        n_chunks = -(-n_valid // chunk_size)
+        n_pad = n_chunks * chunk_size - n_valid
+        # Pad the last chunk with copies of a real row (finite logits) that get weight 0.
+        rows_all = torch.cat([valid_idx, valid_idx[:1].expand(n_pad)]) if n_valid else valid_idx
+        row_weight = torch.zeros(n_chunks * chunk_size, dtype=acc, device=device)
+        row_weight[:n_valid] = 1.0 / max(n_valid, 1)
+
+        grad_h = torch.zeros_like(student_hidden) if need_dh else None
+        grad_w = torch.zeros(student_weight.shape, dtype=acc, device=device) if need_dw else None
+        loss = torch.zeros((), dtype=acc, device=device)
+        stats = [torch.zeros(n_tokens, dtype=torch.float32, device=device) for _ in STAT_NAMES] if return_stats else None
+        # Reused across chunks: the only [C, V] buffers we allocate ourselves.
+        z_s = torch.empty(chunk_size, vocab, dtype=dtype, device=device)
+        z_t = torch.empty(chunk_size, vocab, dtype=teacher_hidden.dtype, device=device)
+
+        for c in range(n_chunks):
+            rows = rows_all[c * chunk_size:(c + 1) * chunk_size]  # [C]
+            n_real = min(chunk_size, n_valid - c * chunk_size)
+            h_s = student_hidden.index_select(0, rows)  # [C, Hs]
+            torch.mm(h_s, student_weight.T, out=z_s)
+            torch.mm(teacher_hidden.index_select(0, rows), teacher_weight.T, out=z_t)
+            chunk_loss, chunk_stats = chunk_fn(z_s, z_t, row_weight[c * chunk_size:(c + 1) * chunk_size],
+                                               1.0 / tau, divergence, beta, return_stats)
+            loss += chunk_loss
+            dz = z_s  # now holds d(loss)/d(z_s) [C, V]
+            if need_dh:
+                grad_h.index_copy_(0, rows[:n_real], (dz @ student_weight)[:n_real])
+            if need_dw:
+                _accumulate_weight_grad(grad_w, dz, h_s)
+            if return_stats:
+                for out, s in zip(stats, chunk_stats):
+                    out.index_copy_(0, rows[:n_real], s[:n_real].float())
+
+        if need_dw:
+            grad_w = grad_w.to(student_weight.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        if not return_stats:
+            return loss
+        ctx.mark_non_differentiable(*stats)
+        return (loss, *stats)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_stat_grads):
+        grad_h, grad_w = ctx.saved_tensors
+        # The loss is a scalar, so the chunked forward already did all the work: rescale. Skipping the
+        # multiply when grad_loss == 1 (the usual loss.backward()) avoids a second [V, H] buffer.
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            grad_h = grad_h * grad_loss if grad_h is not None else None
+            grad_w = grad_w * grad_loss if grad_w is not None else None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None, None
+
+
+def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, *, tau=1.0,
+                    divergence="reverse_kl", beta=0.5, chunk_size=256, compiled=True, return_stats=False):
+    """Mean per-token divergence between the student and the temperature-scaled teacher, never holding [N, V].
+
+    student_hidden [N, Hs], student_weight [V, Hs]: z_s = student_hidden @ student_weight.T, p_s = softmax(z_s)
+    teacher_hidden [N, Ht], teacher_weight [V, Ht]: z_t = teacher_hidden @ teacher_weight.T / tau,
+        p_t = softmax(z_t). Treated as constants (no gradient, even if they require grad).
+    mask [N] bool: tokens that count (response tokens); the loss is the mean over them, and 0 with zero
+        gradients when there are none.
+    divergence:
+        "reverse_kl"  KL(p_s || p_t) = sum_v p_s (log p_s - log p_t)  (TS-OPSD default)
+        "forward_kl"  KL(p_t || p_s)
+        "jsd"         beta KL(p_t || M) + (1 - beta) KL(p_s || M), M = (1 - beta) p_s + beta p_t, beta in (0, 1)
+    chunk_size: tokens per chunk; the peak extra memory is a few [chunk_size, V] buffers plus d weight.
+    compiled: run the per-chunk math through torch.compile (False: the same function, eagerly).
+    return_stats: also return a dict of detached float32 [N] per-token diagnostics from the same pass:
+        student_entropy, teacher_entropy (of the tau-scaled teacher), divergence, top1_agree
+        (argmax z_s == argmax z_t as 0/1); masked tokens read 0.
+
+    Gradients flow to student_hidden and student_weight only. bf16 inputs: logits come out of bf16 GEMMs,
+    the softmax math and d weight accumulation are fp32, gradients are returned in the input dtype.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1) for jsd, got {beta!r}")
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
+        raise ValueError(f"hidden states must be [N, H], got student {tuple(student_hidden.shape)} "
+                         f"and teacher {tuple(teacher_hidden.shape)}")
+    n_tokens = student_hidden.shape[0]
+    if teacher_hidden.shape[0] != n_tokens:
+        raise ValueError(f"student and teacher hidden states must have the same number of tokens, got "
+                         f"{n_tokens} and {teacher_hidden.shape[0]}")
+    if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[1]:
+        raise ValueError(f"student_weight must be [V, {student_hidden.shape[1]}], got {tuple(student_weight.shape)}")
+    if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[1]:
+        raise ValueError(f"teacher_weight must be [V, {teacher_hidden.shape[1]}], got {tuple(teacher_weight.shape)}")
+    if teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(f"student and teacher vocabularies differ: {student_weight.shape[0]} vs "
+                         f"{teacher_weight.shape[0]}")
+    if mask.dtype != torch.bool or mask.shape != (n_tokens,):
+        raise ValueError(f"mask must be a bool tensor of shape ({n_tokens},), got {mask.dtype} {tuple(mask.shape)}")
+    if student_weight.dtype != student_hidden.dtype or teacher_weight.dtype != teacher_hidden.dtype:
+        raise ValueError("each hidden/weight pair must share a dtype, got student "
+                         f"{student_hidden.dtype}/{student_weight.dtype}, teacher {teacher_hidden.dtype}/{teacher_weight.dtype}")
+
+    grad_on = torch.is_grad_enabled()
+    need_dh = grad_on and student_hidden.requires_grad
+    need_dw = grad_on and student_weight.requires_grad
+    out = FusedLinearKL.apply(student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(), mask,
+                              float(tau), divergence, float(beta), chunk_size, compiled, return_stats,
+                              need_dh, need_dw)
+    if not return_stats:
+        return out
+    loss, *stats = out
+    return loss, dict(zip(STAT_NAMES, stats))
+
+
+# ----------------------------------------------------------------------------- log-probs and entropy: per-chunk math
+
+def _logprob_entropy_chunk(z, targets, inv_temp: float):
+    """z [C, V] logits (before temperature), targets [C] -> (logprob [C], entropy [C], logsumexp [C]) in fp32+."""
+    zf = z.to(_acc_dtype(z.dtype)) * inv_temp
+    lse = zf.logsumexp(-1)  # [C]
+    logprob = zf.gather(1, targets[:, None]).squeeze(1) - lse
+    logp = zf - lse[:, None]
+    entropy = -(logp.exp() * logp).sum(-1)  # not lse - sum(p z): that cancels badly for peaked p
+    return logprob, entropy, lse
+
+
+def _logprob_grad_chunk_(z, targets, lse, grad_logprob, inv_temp: float):
+    """Overwrites z [C, V] with d(sum_i g_i log p_i(target_i))/d(logits) = g * (onehot - p) / temperature."""
+    zf = z.to(lse.dtype) * inv_temp
+    p = (zf - lse[:, None]).exp()
+    onehot = torch.zeros_like(p).scatter_(1, targets[:, None], 1.0)
+    z.copy_((onehot - p) * (grad_logprob * inv_temp)[:, None])
+
+
+_logprob_entropy_chunk_compiled = _maybe_compile(_logprob_entropy_chunk)
+_logprob_grad_chunk_compiled = _maybe_compile(_logprob_grad_chunk_)
+
+
+def _padded_chunk(x: torch.Tensor, start: int, chunk_size: int) -> torch.Tensor:
+    """x[start:start + chunk_size], zero-padded to chunk_size rows so every compiled call sees one shape."""
+    part = x[start:start + chunk_size]
+    if part.shape[0] == chunk_size:
+        return part
+    return torch.cat([part, part.new_zeros(chunk_size - part.shape[0], *part.shape[1:])])
+
+
+class ChunkedLogprobEntropy(torch.autograd.Function):
+    """log softmax(h W^T / T)[target] with gradient, entropy without; see chunked_logprob_entropy."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, compiled):
+        n_tokens, vocab = hidden.shape[0], weight.shape[0]
+        acc = _acc_dtype(hidden.dtype)
+        fwd_fn = _logprob_entropy_chunk_compiled if compiled else _logprob_entropy_chunk
+        logprobs = torch.empty(n_tokens, dtype=acc, device=hidden.device)
+        entropy = torch.empty(n_tokens, dtype=acc, device=hidden.device)
+        lse = torch.empty(n_tokens, dtype=acc, device=hidden.device)
+        z = torch.empty(chunk_size, vocab, dtype=hidden.dtype, device=hidden.device)  # reused [C, V]
+        for start in range(0, n_tokens, chunk_size):
+            n_real = min(chunk_size, n_tokens - start)
+            torch.mm(_padded_chunk(hidden, start, chunk_size), weight.T, out=z)
+            lp, ent, ls = fwd_fn(z, _padded_chunk(targets, start, chunk_size), 1.0 / temperature)
+            logprobs[start:start + n_real] = lp[:n_real]
+            entropy[start:start + n_real] = ent[:n_real]
+            lse[start:start + n_real] = ls[:n_real]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.chunk_size, ctx.compiled = temperature, chunk_size, compiled
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, unused_grad_entropy):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        chunk_size, n_tokens = ctx.chunk_size, hidden.shape[0]
+        grad_fn = _logprob_grad_chunk_compiled if ctx.compiled else _logprob_grad_chunk_
+        acc = lse.dtype
+        grad_h = torch.empty_like(hidden) if need_dh else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+        grad_logprobs = grad_logprobs.to(acc)
+        z = torch.empty(chunk_size, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+        for start in range(0, n_tokens, chunk_size):
+            n_real = min(chunk_size, n_tokens - start)
+            h = _padded_chunk(hidden, start, chunk_size)  # [C, H]
+            torch.mm(h, weight.T, out=z)  # recompute the chunk's logits
+            # zero-padded upstream gradient makes the padding rows' dz exactly 0
+            grad_fn(z, _padded_chunk(targets, start, chunk_size), _padded_chunk(lse, start, chunk_size),
+                    _padded_chunk(grad_logprobs, start, chunk_size), 1.0 / ctx.temperature)
+            if need_dh:
+                grad_h[start:start + n_real] = (z @ weight)[:n_real]
+            if need_dw:
+                _accumulate_weight_grad(grad_w, z, h)
+        if need_dw:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
+def _check_logprob_args(hidden, weight, temperature, chunk_size):
+    if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def chunked_logprob_entropy(hidden, weight, targets, *, temperature=1.0, chunk_size=256, compiled=True):
+    """Per-token log-prob of `targets` and full-vocabulary entropy, never holding [N, V] logits.
+
+    hidden [N, H], weight [V, H] (the lm_head), targets [N] long. logits = hidden @ weight.T / temperature.
+    Returns (logprobs [N], entropy [N]) in fp32 (fp64 for fp64 inputs): logprobs = log_softmax(logits)[targets]
+    carries gradient to hidden and weight; entropy = -sum_v p log p is detached.
+
+    Why: the RL loss needs log pi(y_t) at every response token and the token entropy is the quantity
+    reheating is about, but with Qwen3's 151,936-entry vocabulary one 16k-token micro-batch of fp32 logits
+    alone is ~10 GB, before autograd's copies. Here the logits exist one [chunk_size, V] chunk at a time:
+    forward keeps only each token's logsumexp, backward recomputes the chunk's logits (one extra GEMM) and
+    forms d/d logits = (onehot(target) - p) * grad / temperature in place.
+    """
+    _check_logprob_args(hidden, weight, temperature, chunk_size)
+    if targets.shape != (hidden.shape[0],) or targets.dtype != torch.long:
+        raise ValueError(f"targets must be a long tensor of shape ({hidden.shape[0]},), got {targets.dtype} "
+                         f"{tuple(targets.shape)}")
+    return ChunkedLogprobEntropy.apply(hidden, weight, targets, float(temperature), chunk_size, compiled)
+
+
+@torch.no_grad()
+def entropy_from_hidden(hidden, weight, temperature=1.0, *, chunk_size=256, compiled=True):
+    """Token entropy [N] of softmax(hidden @ weight.T / temperature), chunked, no gradient."""
+    _check_logprob_args(hidden, weight, temperature, chunk_size)
+    targets = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    return chunked_logprob_entropy(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size,
+                                   compiled=compiled)[1]

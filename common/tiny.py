@@ -1,0 +1,176 @@
+"""The tiny fixture: a Qwen3-architecture model, its tokenizer, and synthetic math data, all built here.
+
+Nothing can be downloaded on CI or a laptop without a hub, so every test and the demo start from what
+this module writes, deterministically from a seed:
+
+    python -m common.tiny OUT_DIR [--seed 0] [--untied]
+
+    OUT_DIR/model/         Qwen3ForCausalLM (random init) + tokenizer, loadable by transformers and vLLM
+    OUT_DIR/data/train.jsonl, OUT_DIR/data/test.jsonl
+                           arithmetic word problems in DAPO-Math-17k's schema (disjoint splits)
+
+The tokenizer is a byte-level BPE (like Qwen's) trained on the synthetic corpus, with digits split one
+per token before BPE, as Qwen's pre-tokenizer does: a tiny model learns digit-by-digit arithmetic far
+more easily when "93" is always the tokens "9","3" and never a merged "93". Byte-level (not a
+character vocabulary) so any text, including hostile model output, round-trips through it. Merges only
+shorten the fixed words ("What", "Answer", ...).
+
+The model's shapes are the smallest that vLLM's CPU attention accepts (head_dim must be one of 32, 64,
+80, 96, 112, 128, ...: 16 fails at the first generate), with a few hundred thousand parameters.
+Qwen3-4B ties the input embedding and lm_head, Qwen3-8B does not: `--untied` builds the latter.
+"""
+import argparse
+import json
+import os
+import random
+
+# Qwen3's special tokens: base models end with <|endoftext|>, chat turns with <|im_end|>; rollouts
+# must stop on both (see common/rollout.py).
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+# Qwen-style ChatML template, enough for the DAPO prompt (one user turn, then the assistant).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------- synthetic problems
+
+def make_problem(rng: random.Random, min_terms: int = 2, max_terms: int = 4, max_operand: int = 99) -> dict:
+    """One chain of additions and subtractions with an integer answer and its worked solution.
+
+    The solution is the left-to-right chain of partial results, one line each, then DAPO's final line
+    `Answer: N`, e.g. for 5+88-2: "5+88=93\\n93-2=91\\nAnswer: 91".
+    """
+    n_terms = rng.randint(min_terms, max_terms)
+    terms = [rng.randint(1, max_operand) for _ in range(n_terms)]
+    ops = [rng.choice("+-") for _ in range(n_terms - 1)]
+    expr, value, lines = str(terms[0]), terms[0], []
+    for op, t in zip(ops, terms[1:]):
+        new = value + t if op == "+" else value - t
+        lines.append(f"{value}{op}{t}={new}")
+        expr += f"{op}{t}"
+        value = new
+    lines.append(f"Answer: {value}")
+    return {"problem": f"What is {expr}?", "answer": str(value), "solution": "\n".join(lines)}
+
+
+def make_splits(n_train: int, n_test: int, seed: int = 0, **kw) -> tuple[list[dict], list[dict]]:
+    """Disjoint train/test problem lists (no problem text in both), deterministic in `seed`."""
+    rng, seen, problems = random.Random(seed), set(), []
+    for _ in range(100 * (n_train + n_test)):
+        if len(problems) == n_train + n_test:
+            break
+        p = make_problem(rng, **kw)
+        if p["problem"] not in seen:
+            seen.add(p["problem"])
+            problems.append(p)
+    if len(problems) < n_train + n_test:
+        raise ValueError(f"only {len(problems)} distinct problems exist for these settings; "
+                         f"ask for fewer than {n_train}+{n_test} or widen the operand range")
+    return problems[n_test:], problems[:n_test]
+
+
+def to_dapo_row(p: dict, index: int, split: str) -> dict:
+    """DAPO-Math-17k's schema: the prompt is a chat list whose user turn wraps the problem in DAPO's
+    instruction; the verifier reads reward_model.ground_truth. The worked solution rides in extra_info
+    (used only to pre-train the demo's tiny model)."""
+    from common.data import dapo_instruction
+    return {
+        "data_source": "synthetic_arith",
+        "prompt": [{"role": "user", "content": dapo_instruction(p["problem"])}],
+        "ability": "MATH",
+        "reward_model": {"ground_truth": p["answer"], "style": "rule-lighteval/MATH_v2"},
+        "extra_info": {"index": f"{split}-{index}", "solution": p["solution"]},
+    }
+
+
+def write_jsonl(rows: list[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+# ----------------------------------------------------------------------------- tokenizer and model
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 384):
+    """Byte-level BPE trained on `corpus`, digits isolated, wrapped as a PreTrainedTokenizerFast."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\d"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT,
+                                   chat_template=CHAT_TEMPLATE, model_max_length=4096)
+
+
+def build_model(tokenizer, *, tied: bool = True, seed: int = 0, hidden_size: int = 128, layers: int = 3,
+                heads: int = 4, kv_heads: int = 2, head_dim: int = 32, intermediate_size: int = 384,
+                max_positions: int = 1024):
+    """A randomly initialised Qwen3ForCausalLM; vocab padded to a multiple of 64 (like Qwen's)."""
+    import torch
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    vocab = -(-len(tokenizer) // 64) * 64
+    eos_ids = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+    config = Qwen3Config(
+        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=max_positions, rope_theta=10000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=tied, bos_token_id=None, eos_token_id=eos_ids[0],
+        pad_token_id=tokenizer.pad_token_id, dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                                               do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    return model
+
+
+def write_fixture(out_dir: str, *, seed: int = 0, tied: bool = True, n_train: int = 2000, n_test: int = 200,
+                  vocab_size: int = 384) -> dict:
+    """Write model/ and data/ under out_dir; returns their paths."""
+    train, test = make_splits(n_train, n_test, seed=seed)
+    train_rows = [to_dapo_row(p, i, "train") for i, p in enumerate(train)]
+    test_rows = [to_dapo_row(p, i, "test") for i, p in enumerate(test)]
+    data_dir, model_dir = os.path.join(out_dir, "data"), os.path.join(out_dir, "model")
+    write_jsonl(train_rows, os.path.join(data_dir, "train.jsonl"))
+    write_jsonl(test_rows, os.path.join(data_dir, "test.jsonl"))
+
+    # The BPE is trained on what the model will read and write: prompts, solutions and chat markup.
+    from common.data import dapo_instruction
+    corpus = [dapo_instruction(p["problem"]) + "\n" + p["solution"] for p in train]
+    corpus += ["user\nassistant\n", "Q: A: Answer:"]
+    tokenizer = build_tokenizer(corpus, vocab_size=vocab_size)
+    model = build_model(tokenizer, tied=tied, seed=seed)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return {"model": model_dir, "train": os.path.join(data_dir, "train.jsonl"),
+            "test": os.path.join(data_dir, "test.jsonl")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_dir", help="directory to write model/ and data/ into")
+    ap.add_argument("--seed", type=int, default=0, help="seed for the data, the tokenizer corpus and the init")
+    ap.add_argument("--untied", action="store_true", help="separate lm_head (like Qwen3-8B); default tied (Qwen3-4B)")
+    ap.add_argument("--n-train", type=int, default=2000, help="training problems")
+    ap.add_argument("--n-test", type=int, default=200, help="held-out problems (disjoint from train)")
+    ap.add_argument("--vocab-size", type=int, default=384, help="BPE vocabulary size incl. 256 bytes + specials")
+    args = ap.parse_args(argv)
+    paths = write_fixture(args.out_dir, seed=args.seed, tied=not args.untied, n_train=args.n_train,
+                          n_test=args.n_test, vocab_size=args.vocab_size)
+    print(json.dumps(paths, indent=1))
+
+
+if __name__ == "__main__":
+    main()
