@@ -1,0 +1,191 @@
+"""Process setup and sharding: the same script runs as `python x.py` on one CPU and under torchrun on GPUs.
+
+- `init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); without it the run is
+  one process and no process group is created. gloo on CPU, nccl on CUDA.
+- `shard_model()` wraps a causal LM for training: FSDP2 (`fully_shard` each decoder layer, then the root;
+  bf16 params / fp32 gradient reduction on GPU, fp32 on CPU), DDP, or nothing.
+- The root that gets wrapped is `LMWithHead`: its forward runs the decoder AND a head function the script
+  passes in (the log-prob/entropy head of rl_dapo.py, the KL head of reheat_tsopsd.py). Under FSDP2 the
+  root's own parameters (embeddings, final norm, lm_head) are only whole inside the root's forward, and
+  calling `model.model(...)` directly mixes Tensors and DTensors; running the head inside forward keeps the
+  lm_head weight gathered exactly while the loss needs it and lets autograd route its gradient back.
+"""
+import dataclasses
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join torchrun's process group if launched by it; pick the device. Call before building vLLM
+    (with external_launcher vLLM reuses this process group; built first, rank 1 dies in gloo)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    if "RANK" not in os.environ:
+        return DistInfo(device=torch.device(device))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
+                                device_id=dev if device == "cuda" else None)
+    return DistInfo(rank, world, local, dev)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def derive_seed(seed: int, rank: int = 0, step: int = 0, stream: int = 0) -> int:
+    """A seed for (seed, rank, step, stream), stable across runs and resumes, distinct for each tuple."""
+    return int(np.random.SeedSequence([seed, rank, step, stream]).generate_state(1)[0])
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def all_reduce(values, op: str = "sum", device=None) -> torch.Tensor:
+    """Sum/max/min of a number or list of numbers over ranks (returns a float64 CPU tensor)."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        backend_dev = device if device is not None and dist.get_backend() == "nccl" else torch.device("cpu")
+        t = t.to(backend_dev)
+        dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t.cpu()
+
+
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...]; [obj] in a single process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- model wrapping
+
+class LMWithHead(nn.Module):
+    """The training root: decoder forward + a head computed inside forward (see module docstring).
+
+    forward(input_ids, attention_mask, head) returns head(hidden [B, T, H], lm_head_weight [V, H]).
+    With tied embeddings lm_head.weight IS embed_tokens.weight (one Parameter), as in Qwen3-4B.
+    """
+
+    def __init__(self, lm: nn.Module, autocast_bf16: bool = False):
+        super().__init__()
+        self.lm = lm
+        self.autocast_bf16 = autocast_bf16   # bf16 compute without FSDP2 (one GPU, DDP); master weights fp32
+
+    def forward(self, input_ids, attention_mask=None, head=None):
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return head(hidden, self.lm.lm_head.weight)
+
+    def generate(self, **kwargs):
+        """transformers' generate on the wrapped model; registered as an FSDP2 forward method, so the
+        root's parameters (embeddings, norm, lm_head) are gathered for the whole call."""
+        return self.lm.generate(**kwargs)
+
+
+def shard_model(lm: nn.Module, info: DistInfo, mode: str = "fsdp", *, bf16: bool | None = None,
+                activation_checkpointing: bool = False, requires_grad: bool = True) -> nn.Module:
+    """Wrap a HF causal LM in LMWithHead and shard it. mode: fsdp | ddp | none ("none" for one process).
+
+    bf16 (default: on for CUDA, off for CPU) keeps FSDP2's compute params in bf16 and reduces gradients
+    in fp32; the master weights and optimizer state stay fp32 either way. A frozen model (the TS-OPSD
+    teacher) passes requires_grad=False and is sharded the same way, so it costs 1/world of its size.
+    """
+    if mode not in ("fsdp", "ddp", "none"):
+        raise ValueError(f"--sharding must be fsdp, ddp or none, got {mode!r}")
+    if bf16 is None:
+        bf16 = info.device.type == "cuda"
+    lm.to(info.device)
+    if activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
+    for p in lm.parameters():
+        p.requires_grad_(requires_grad)
+    fsdp = info.distributed and mode == "fsdp"
+    root = LMWithHead(lm, autocast_bf16=bf16 and not fsdp)
+    if not info.distributed or mode == "none":
+        return root
+    if mode == "ddp":
+        if not requires_grad:
+            return root                 # a frozen model needs no gradient sync: each rank keeps a full copy
+        return nn.parallel.DistributedDataParallel(root, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in lm.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(root, mp_policy=mp)
+    from torch.distributed.fsdp import register_fsdp_forward_method
+    register_fsdp_forward_method(root, "generate")
+    return root
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The HF model inside DDP / LMWithHead (FSDP2 shards in place, so the module is the same object)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    if isinstance(model, LMWithHead):
+        model = model.lm
+    return model
+
+
+def full_params(model: nn.Module, dtype: torch.dtype | None = None):
+    """Yield (HF name, full tensor) one parameter at a time; under FSDP2 each is all-gathered just before
+    it is yielded and freed after, so a weight sync never holds two full copies of the model.
+    Every rank must iterate (the gathers are collectives). Tied lm_head is yielded once, as embed_tokens."""
+    lm = unwrap(model)
+    seen = set()
+    for name, p in lm.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        t = p.detach()
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        yield name, (t.to(dtype) if dtype is not None else t)

@@ -1,0 +1,209 @@
+"""Rollout engines: prompts in, n sampled responses each out, with the sampler's per-token log-probs.
+
+Two engines behind one interface (`make_engine(kind, ...)`, kind = auto | vllm | hf):
+- `VLLMEngine`: vLLM in the SAME process as training (nano-aha-moment / TRL "colocate" style), one engine
+  per rank generating that rank's share of the prompts (`distributed_executor_backend="external_launcher"`
+  under torchrun; the process group must exist before the LLM is built). Weights are pushed in after
+  every optimizer step with `sync_weights(model)`: vLLM's in-place `reload_weights` RPC fed by an iterator
+  that gathers one FSDP2 parameter at a time, then `reset_prefix_cache()` (otherwise prompt KV cached
+  under the old weights is reused: log-prob errors of ~9 nats were seen). On CUDA, `--vllm-sleep` frees
+  the KV cache and weights during training (sleep level 2) and wakes them around the next sync.
+- `HFEngine`: `transformers.generate` on the training model itself (no second copy, nothing to sync);
+  for machines without vLLM and for very small models, where it is faster on CPU.
+
+Both stop on every id in `stop_token_ids` (Qwen3-Base ends with <|endoftext|>, chat turns with <|im_end|>;
+both must stop a rollout), keep the stop token in `response_ids` (the policy must learn to stop), and
+report log-probs of the sampled tokens as log softmax(logits / T): the distribution actually sampled from.
+"""
+import dataclasses
+import os
+
+import torch
+
+from common.dist import DistInfo, full_params, unwrap
+
+
+@dataclasses.dataclass
+class Sample:
+    prompt_ids: list[int]
+    response_ids: list[int]       # includes the stop token when finish_reason == "stop"
+    logprobs: list[float]         # sampler's log p(token) at the sampling temperature, one per response token
+    finish_reason: str            # "stop" (a stop token ended it) or "length" (hit max_tokens)
+    text: str                     # the response decoded without special tokens
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids that end a response: eos plus Qwen's <|im_end|> and <|endoftext|> when the vocabulary has them."""
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        i = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(i, int) and i != tokenizer.unk_token_id and i is not None:
+            ids.add(i)
+    return sorted(i for i in ids if i is not None)
+
+
+class HFEngine:
+    """Sampling with transformers' generate on the (possibly sharded) training model."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, info: DistInfo, *, batch_size: int = 256):
+        self.model, self.tokenizer, self.info, self.batch_size = model, tokenizer, info, batch_size
+        self.stop_ids = stop_token_ids(tokenizer)
+        self.dp_rank, self.dp_size, self.tp_rank = info.rank, info.world_size, 0
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, n: int, temperature: float, top_p: float = 1.0,
+                 max_tokens: int, seed: int) -> list[list[Sample]]:
+        from common.dist import LMWithHead, all_reduce
+        root = self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
+        if not isinstance(root, LMWithHead):
+            root = LMWithHead(root)
+        lm = root.lm
+        fsdp = hasattr(lm.lm_head.weight, "full_tensor")
+        was_training = lm.training
+        lm.eval()
+        tok = self.tokenizer
+        prompt_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+        flat = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(n)]
+        out: list[list[Sample]] = [[] for _ in prompts]
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        # Under FSDP2 every rank must run the same number of forwards (each one all-gathers), so ranks
+        # agree on the number of batches and generate keeps stepping until all ranks are done (synced_gpus).
+        n_batches = -(-len(flat) // self.batch_size)
+        if fsdp:
+            n_batches = int(all_reduce(n_batches, "max").item())
+        for b in range(n_batches):
+            chunk = flat[b * self.batch_size:(b + 1) * self.batch_size] or flat[:1] or [(0, [tok.pad_token_id])]
+            width = max(len(ids) for _, ids in chunk)
+            input_ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            attn = torch.zeros_like(input_ids)
+            for r, (_, ids) in enumerate(chunk):             # left padding: generation continues on the right
+                input_ids[r, width - len(ids):] = torch.tensor(ids)
+                attn[r, width - len(ids):] = 1
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+            res = root.generate(input_ids=input_ids.to(self.info.device), attention_mask=attn.to(self.info.device),
+                              do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                              max_new_tokens=max_tokens, eos_token_id=self.stop_ids, pad_token_id=tok.pad_token_id,
+                              output_scores=True, return_dict_in_generate=True, synced_gpus=fsdp, use_cache=True)
+            if b * self.batch_size >= len(flat):
+                continue                                        # a padding batch that kept FSDP ranks in step
+            seqs = res.sequences[:, width:].cpu()
+            # scores are the processed logits (after temperature / top-p): log_softmax gives the sampled law
+            logps = torch.stack([torch.log_softmax(s.float(), -1) for s in res.scores], 1).cpu()
+            for r, (i, ids) in enumerate(chunk):
+                resp, lps, reason = [], [], "length"
+                for t, token in enumerate(seqs[r].tolist()):
+                    resp.append(token)
+                    lps.append(float(logps[r, t, token]))
+                    if token in self.stop_ids:
+                        reason = "stop"
+                        break
+                out[i].append(Sample(ids, resp, lps, reason, tok.decode(resp, skip_special_tokens=True)))
+        lm.train(was_training)
+        return out
+
+    def sync_weights(self, model):
+        self.model = model                                      # generates with the training weights directly
+
+    def sleep(self):
+        pass
+
+
+class VLLMEngine:
+    """vLLM in this process; see the module docstring."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, tokenizer, info: DistInfo, *, max_model_len: int, seed: int = 0,
+                 dtype: str = "auto", gpu_memory_utilization: float = 0.5, kv_cache_gib: float | None = None,
+                 tensor_parallel_size: int = 1, sleep_mode: bool = False):
+        # In-process engine: the weight sync passes a generator of tensors, which cannot cross processes.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+        if info.world_size % tensor_parallel_size:
+            raise ValueError(f"--vllm-tp {tensor_parallel_size} must divide the number of processes {info.world_size}")
+        self.info, self.tokenizer = info, tokenizer
+        self.tp = tensor_parallel_size
+        # ranks of one tensor-parallel group serve the same prompts; data parallel across groups
+        self.dp_rank, self.dp_size, self.tp_rank = info.rank // self.tp, info.world_size // self.tp, info.rank % self.tp
+        self.sleep_mode = sleep_mode and info.device.type == "cuda"     # vLLM's sleep mode is CUDA-only
+        self.asleep = False
+        self.stop_ids = stop_token_ids(tokenizer)
+        if dtype == "auto":
+            dtype = "bfloat16" if info.device.type == "cuda" else "float32"
+        kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, max_model_len=max_model_len,
+                      seed=seed + self.dp_rank, enforce_eager=info.device.type == "cpu",
+                      logprobs_mode="processed_logprobs", tensor_parallel_size=tensor_parallel_size,
+                      enable_sleep_mode=self.sleep_mode, enable_prefix_caching=True)
+        if info.distributed:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        if kv_cache_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        self.dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+
+    def generate(self, prompts: list[str], *, n: int, temperature: float, top_p: float = 1.0,
+                 max_tokens: int, seed: int) -> list[list[Sample]]:
+        from vllm import SamplingParams
+        if self.asleep:
+            self._wake()
+        tok = self.tokenizer
+        prompt_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+        # one seed per request: the same (seed, step, rank) reproduces the same samples after a resume
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
+                                 stop_token_ids=self.stop_ids, skip_special_tokens=True, seed=seed + i)
+                  for i in range(len(prompts))]
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        result = []
+        for ids, o in zip(prompt_ids, outs):
+            group = []
+            for c in o.outputs:
+                resp = list(c.token_ids)
+                lps = [c.logprobs[t][tok_id].logprob for t, tok_id in enumerate(resp)]
+                reason = "stop" if c.finish_reason == "stop" else "length"
+                group.append(Sample(ids, resp, lps, reason, c.text))
+            result.append(group)
+        return result
+
+    def sync_weights(self, model):
+        """Push the trainer's current weights into vLLM (every rank calls: FSDP2 gathers are collectives)."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        weights = full_params(model, dtype=self.dtype)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        self.llm.reset_prefix_cache()
+
+    def _wake(self):
+        self.llm.wake_up()
+        self.asleep = False
+
+    def sleep(self):
+        """Free vLLM's GPU memory (weights and KV cache) while the trainer runs; sync_weights wakes it."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
+
+
+def make_engine(kind: str, *, model, model_path: str, tokenizer, info: DistInfo, max_model_len: int, seed: int,
+                hf_batch_size: int = 256, vllm_gpu_memory: float = 0.5, vllm_kv_cache_gib: float | None = None,
+                vllm_tp: int = 1, vllm_sleep: bool = True):
+    """kind: vllm | hf | auto (vllm when it imports, else hf)."""
+    if kind not in ("auto", "vllm", "hf"):
+        raise ValueError(f"--rollout-engine must be auto, vllm or hf, got {kind!r}")
+    if kind == "auto":
+        try:
+            import vllm  # noqa: F401
+            kind = "vllm"
+        except ImportError:
+            kind = "hf"
+    if kind == "hf":
+        return HFEngine(model, tokenizer, info, batch_size=hf_batch_size)
+    return VLLMEngine(model_path, tokenizer, info, max_model_len=max_model_len, seed=seed,
+                      gpu_memory_utilization=vllm_gpu_memory, kv_cache_gib=vllm_kv_cache_gib,
+                      tensor_parallel_size=vllm_tp, sleep_mode=vllm_sleep)

@@ -1,0 +1,130 @@
+"""common/data.py: every named benchmark's field mapping, on local files in the hub schema; bad rows."""
+import json
+
+import pytest
+
+from common.data import (BENCHMARKS, DAPO_PREFIX, DAPO_SUFFIX, DataError, Problem, dapo_instruction,
+                         load_problems, render_prompt, strip_dapo_instruction)
+
+
+def _write(path, rows):
+    if str(path).endswith(".parquet"):
+        import datasets
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    else:
+        with open(path, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def _dapo_row(problem, answer, index):
+    return {"data_source": "math_dapo", "prompt": [{"role": "user", "content": dapo_instruction(problem)}],
+            "ability": "MATH", "reward_model": {"ground_truth": answer, "style": "rule-lighteval/MATH_v2"},
+            "extra_info": {"index": index}}
+
+
+def test_dapo17k_schema_parquet_is_deduplicated(tmp_path):
+    # The real parquet repeats each prompt many times; the loader keeps one of each, in order.
+    rows = [_dapo_row("What is 1+1?", "2", "a"), _dapo_row("Find x if 2x=6.", "3", "b")] * 5
+    rows.append(_dapo_row("Compute $\\frac{1}{2}+\\frac{1}{2}$.", "1", "c"))
+    problems = load_problems("dapo17k", path=_write(tmp_path / "dapo-math-17k.parquet", rows))
+    assert [(p.problem, p.answer) for p in problems] == [
+        ("What is 1+1?", "2"), ("Find x if 2x=6.", "3"), ("Compute $\\frac{1}{2}+\\frac{1}{2}$.", "1")]
+    assert problems[0].source == "math_dapo" and problems[0].id == "math_dapo:a"
+
+
+@pytest.mark.parametrize("name,row,problem,answer", [
+    ("aime24", {"id": 60, "problem": "Find N.", "solution": "...", "answer": "204", "url": "u", "year": "2024"},
+     "Find N.", "204"),
+    ("aime25", {"problem": "Find M.", "answer": "70", "id": "0"}, "Find M.", "70"),
+    ("amc23", {"id": 0, "question": "How many?", "answer": 27.0, "url": "u"}, "How many?", "27.0"),
+    ("math500", {"problem": "Simplify $x$.", "solution": "s", "answer": "\\frac{1}{2}", "subject": "Algebra",
+                 "level": 3, "unique_id": "test/algebra/1.json"}, "Simplify $x$.", "\\frac{1}{2}"),
+    ("minerva", {"question": "Compute the mass.", "answer": "4.5e10", "type": "x", "idx": 3},
+     "Compute the mass.", "4.5e10"),
+    ("olympiadbench", {"id": 1606, "question": "Find all n.", "final_answer": ["$2$", "$3$"], "unit": None},
+     "Find all n.", "$2$, $3$"),
+])
+def test_named_benchmark_mappings(tmp_path, name, row, problem, answer):
+    path = _write(tmp_path / f"{name}.jsonl", [row])
+    [p] = load_problems(name, path=path)
+    assert (p.problem, p.answer, p.source, p.is_choice) == (problem, answer, name, False)
+    # the same file without the name is read by schema detection to the same problem
+    [q] = load_problems(path)
+    assert (q.problem, q.answer) == (problem, answer)
+
+
+def test_gpqa_options_shuffled_with_fixed_seed_and_graded_by_letter(tmp_path):
+    rows = [{"Question": f"Which is right {i}?", "Correct Answer": f"right{i}", "Incorrect Answer 1": "w1",
+             "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3", "Record ID": f"r{i}"} for i in range(12)]
+    path = _write(tmp_path / "gpqa.jsonl", rows)
+    a = load_problems("gpqa_diamond", path=path)
+    b = load_problems("gpqa_diamond", path=path)
+    assert [p.problem for p in a] == [p.problem for p in b]        # same letters every run
+    letters = set()
+    for i, p in enumerate(a):
+        assert p.is_choice and p.answer in "ABCD"
+        assert f"{p.answer}) right{i}" in p.problem               # the letter points at the correct option
+        letters.add(p.answer)
+    assert len(letters) > 1                                        # shuffled, not always "A"
+
+
+def test_synthetic_fixture_data_loads_unchanged(tiny):
+    train = load_problems(tiny["train"])
+    test = load_problems(tiny["test"])
+    assert len(train) == 400 and len(test) == 64
+    assert not {p.problem for p in train} & {p.problem for p in test}
+    assert train[0].problem.startswith("What is ") and train[0].solution.endswith(f"Answer: {train[0].answer}")
+    assert load_problems(tiny["train"], limit=10) == train[:10]
+
+
+@pytest.mark.parametrize("row,field", [
+    ({"question": "What?"}, "answer"),
+    ({"problem": "", "answer": "1"}, "problem"),
+    ({"problem": "What?", "answer": "  "}, "answer"),
+])
+def test_bad_rows_name_file_row_and_field(tmp_path, row, field):
+    good = {"problem": "ok", "answer": "1"}
+    path = _write(tmp_path / "bad.jsonl", [good, good | {"problem": "ok2"}, row])
+    with pytest.raises(DataError) as e:
+        load_problems("math500", path=path)
+    msg = str(e.value)
+    assert "bad.jsonl" in msg and "row 2" in msg and field in msg
+
+
+def test_bad_dapo_rows(tmp_path):
+    row = _dapo_row("p", "1", 0)
+    del row["reward_model"]["ground_truth"]
+    with pytest.raises(DataError, match=r"row 0.*reward_model.ground_truth"):
+        load_problems("dapo17k", path=_write(tmp_path / "d.jsonl", [row]))
+    row = _dapo_row("p", "1", 0) | {"prompt": []}
+    with pytest.raises(DataError, match=r"row 0.*prompt"):
+        load_problems("dapo17k", path=_write(tmp_path / "d2.jsonl", [row]))
+
+
+def test_missing_and_unknown_sources(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_problems(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="unknown data source"):
+        load_problems("not_a_benchmark")
+    with pytest.raises(DataError, match="unsupported file type"):
+        (tmp_path / "x.csv").write_text("a,b\n")
+        load_problems(str(tmp_path / "x.csv"))
+
+
+def test_render_prompt_styles(tiny):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny["model"])
+    p = Problem("What is 2+2?", "4", "x:0", "x")
+    chat = render_prompt(p, tok, "dapo_chat")
+    assert chat.startswith("<|im_start|>user\n" + DAPO_PREFIX) and chat.endswith(DAPO_SUFFIX + "<|im_end|>\n<|im_start|>assistant\n")
+    assert render_prompt(p, tok, "dapo_raw") == dapo_instruction("What is 2+2?") + "\n"
+    assert render_prompt(p, None, "plain") == "What is 2+2?\n"
+    assert strip_dapo_instruction(dapo_instruction("  x  ")) == "x"
+    with pytest.raises(ValueError, match="unknown prompt style"):
+        render_prompt(p, tok, "fancy")
+
+
+def test_registry_covers_the_papers_benchmarks():
+    assert {"dapo17k", "aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench", "gpqa_diamond"} <= set(BENCHMARKS)
