@@ -109,6 +109,19 @@ def render_prompt(problem: Problem, tokenizer=None, style: str = "dapo_chat") ->
     raise ValueError(f"unknown prompt style {style!r}; choose one of {PROMPT_STYLES}")
 
 
+def cycle_problems(problems: list, seed: int, cursor: int, count: int) -> list:
+    """Problems cursor .. cursor+count-1 of an endless stream: one seeded permutation per epoch, so the order
+    is fixed by (seed, cursor) alone and a resumed run draws exactly what the straight run would have."""
+    import numpy as np
+    out, perms = [], {}
+    for j in range(cursor, cursor + count):
+        epoch, k = divmod(j, len(problems))
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(len(problems))
+        out.append(problems[int(perms[epoch][k])])
+    return out
+
+
 # ----------------------------------------------------------------------------- loading
 
 def _rows(source: str, spec: Spec | None, path: str | None, split: str | None):

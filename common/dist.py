@@ -105,6 +105,18 @@ def barrier():
         dist.barrier()
 
 
+def resolve_model_path(path: str) -> str:
+    """A local checkpoint directory as is; a hub id downloaded once (so vLLM and transformers read the same
+    files). A path-looking argument that does not exist is an error, not a hub lookup."""
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        return local
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise SystemExit(f"model checkpoint not found: {path} (give a HF checkpoint directory or a hub id org/name)")
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"])
+
+
 # ----------------------------------------------------------------------------- model wrapping
 
 class LMWithHead(nn.Module):
@@ -175,16 +187,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def full_params(model: nn.Module, dtype: torch.dtype | None = None):
+def full_params(model: nn.Module, dtype: torch.dtype | None = None, names: set | None = None):
     """Yield (HF name, full tensor) one parameter at a time; under FSDP2 each is all-gathered just before
     it is yielded and freed after, so a weight sync never holds two full copies of the model.
-    Every rank must iterate (the gathers are collectives). Tied lm_head is yielded once, as embed_tokens."""
+    Every rank must iterate (the gathers are collectives). Tied lm_head is yielded once, as embed_tokens.
+    `names`: only these parameters (the others are not gathered)."""
     lm = unwrap(model)
     seen = set()
     for name, p in lm.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
         seen.add(id(p))
+        if names is not None and name not in names:
+            continue
         t = p.detach()
         if hasattr(t, "full_tensor"):
             t = t.full_tensor()

@@ -8,10 +8,10 @@
 Which answer: DAPO tells the model "The last line of your response should be of the form Answer: $Answer",
 so the answer is the text after the colon on the LAST line that starts with "Answer:" (case-insensitive;
 leading whitespace, markdown bold and a "Final" prefix tolerated; lines with nothing after the colon are
-skipped). Without such a line it is the content of the last \\boxed{...} / \\fbox{...}. Unlike DAPO's own
-reward (verl's math_dapo.py: normalised string equality, -1/+1), equivalence is decided by math-verify, so
-"0.5" matches "\\frac{1}{2}" and "5 cm" matches "5"; rewards are 0/1 (map them in the script if you want
-DAPO's -1/+1).
+skipped; a \\boxed{...} on that line is the answer). Without such a line it is the content of the last
+\\boxed{...} / \\fbox{...}. Unlike DAPO's own reward (verl's math_dapo.py: normalised string equality,
+-1/+1), equivalence is decided by math-verify, so "0.5" matches "\\frac{1}{2}" and "5 cm" matches "5";
+rewards are 0/1 (map them in the script if you want DAPO's -1/+1).
 
 Decisions the tests pin down (math-verify's behaviour, kept on purpose):
   * percentages: "50\\%" matches both "50" and "0.5"; "0.5" does NOT match a gold of "50".
@@ -20,15 +20,17 @@ Decisions the tests pin down (math-verify's behaviour, kept on purpose):
   * "1,000" matches "1000", and "1, 2" is the set {1, 2} (order-free).
   * multiple choice (GPQA, `is_choice=True`): the answer must BE a letter ("C", "(C)", "C) 42",
     "\\text{C}"); "The answer is C" scores 0, as it would under DAPO's instruction.
+  * an answer over 1000 characters, nested more than 10 brackets deep, or with control characters
+    (NUL, ...) scores 0 unparsed (see is_hostile).
 
 Why a process pool: math-verify bounds parsing and comparison with signal.alarm, which only works in a
 process's main thread. Called from any other thread it raises, and a grader that swallows that error scores
-everything 0 (verl shipped exactly this bug). And signal-based timeouts cannot interrupt C code at all: a
-huge integer power inside sympy runs to completion, or to the OOM killer. So grade_batch sends each item to
-a worker process that grades in its own main thread (math-verify's timeouts work there), and the parent
-kills any worker that overruns the item's deadline or dies, scoring that item 0.0 and starting a fresh
-worker. Cheap pre-filters (answer length, bracket depth, exponent towers, giant factorials) reject obvious
-denial-of-service answers before sympy sees them.
+everything 0 (verl shipped exactly this bug). And a signal handler only runs between Python bytecodes: one
+long C call (a huge integer power, a regex) runs to completion, or to the OOM killer. So grade_batch sends
+each item to a worker process that grades in its own main thread (math-verify's timeouts work there), and
+the parent kills any worker that overruns the item's deadline or dies, scoring that item 0.0 and starting
+a fresh worker. Cheap pre-filters (answer length, bracket depth, exponent towers, giant factorials) reject
+obvious denial-of-service answers before sympy sees them.
 """
 import atexit
 import collections
@@ -48,8 +50,8 @@ _mv = None
 
 MAX_ANSWER_CHARS = 1000     # longer "answers" are junk, and antlr/sympy time grows with length
 MAX_NESTING_DEPTH = 10      # math-verify's ANTLR grammar is exponential in bracket depth: ~0.5 s at 10, >5 s at 20
-MAX_EXPONENT_DIGITS = 6     # 2^{1234567}: sympy evaluates integer powers eagerly, in C, past any signal
-MAX_FACTORIAL_DIGITS = 4    # 100000!: same story
+MAX_EXPONENT_DIGITS = 6     # 2^{1234567}: evaluating it is one long C call that no signal interrupts
+MAX_FACTORIAL_DIGITS = 4    # 100000!, \binom{10^9}{...}: same risk; each runs into math-verify's timeout
 
 # ----------------------------------------------------------------------------- extraction
 
@@ -67,28 +69,31 @@ def _last_boxed(text: str) -> str | None:
     Only the last occurrence is tried: falling back to earlier ones would make a hostile response with
     many unterminated \\boxed{ quadratic to scan.
     """
-    start = None
-    for start in _BOXED.finditer(text):
+    box = None
+    for box in _BOXED.finditer(text):
         pass
-    if start is None:
+    if box is None:
         return None
     depth = 1
-    for brace in _BRACES.finditer(text, start.end()):
+    for brace in _BRACES.finditer(text, box.end()):
         depth += 1 if brace.group() == "{" else -1
         if depth == 0:
-            return text[start.end():brace.start()]
+            return text[box.end():brace.start()]
     return None
 
 
 def _clean(answer: str) -> str:
     """Strip markdown emphasis, one pair of math delimiters and a trailing period."""
-    answer = answer.strip().strip("*_").strip()
-    answer = answer.removesuffix(".").strip()
+    for _ in range(2):   # "**42**." and "42.**" alike
+        answer = answer.strip().strip("*_").strip().removesuffix(".")
     for left, right in _DELIMITERS:
-        if len(answer) >= len(left) + len(right) and answer.startswith(left) and answer.endswith(right):
-            answer = answer[len(left):-len(right)].strip()
+        inner = answer[len(left):-len(right)]
+        # "$x$ and $y$" starts and ends with "$" but is not one formula.
+        if (len(answer) >= len(left) + len(right) and answer.startswith(left) and answer.endswith(right)
+                and left not in inner and right not in inner):
+            answer = inner
             break
-    return answer.removesuffix(".").strip()
+    return answer.strip().removesuffix(".").strip()
 
 
 def extract_answer(response: str | None) -> str | None:
@@ -101,7 +106,8 @@ def extract_answer(response: str | None) -> str | None:
         if content:
             answer = content
     if answer is not None:
-        # "Answer: $\boxed{5}$" is common enough: the box, not its wrapper, is the answer.
+        # "Answer: $\boxed{5}$" is common: a box on the Answer line is the answer. (math-verify would pick
+        # it out of "Answer: 4, not \boxed{3}" anyway: its LaTeX normalisation unwraps boxes.)
         boxed = _last_boxed(answer)
         return _clean(boxed) if boxed is not None and _clean(boxed) else answer
     boxed = _last_boxed(response)
@@ -167,11 +173,14 @@ def _math_verify():
     return _mv
 
 
+_MATH_DELIMITER = re.compile(r"(?<!\\)\$|\\\(|\\\[")   # an unescaped $, \( or \[ ("\$5" is five dollars)
+
+
 def _wrap(answer: str) -> str:
     # math-verify's parse() searches free text for an answer; given a bare "x = 5" or "10^{-3}" it picks
     # a number out of it ("5", "10"). Inside $...$ the whole string is parsed as one LaTeX expression.
     # An answer that brings its own delimiters ("the area is $5$ cm") is parsed as it is.
-    return answer if "$" in answer or "\\(" in answer or "\\[" in answer else f"${answer}$"
+    return answer if _MATH_DELIMITER.search(answer) else f"${answer}$"
 
 
 @lru_cache(maxsize=4096)
@@ -184,15 +193,34 @@ _CHOICE = re.compile(r"(?:option|choice)?[ \t]*\(?([A-Z])(?:\)|\.|:|[ \t]|$)", r
 
 
 def _choice_letter(answer: str) -> str | None:
-    """"C", "(C)", "C) 42", "Option C", "\\text{C}" -> "C"; the letter must come first and stand alone."""
+    """The option letter: C for "C", "(C)", "C) 42", "Option C", "\\text{C}"; it must come first, alone."""
     answer = _TEXT_MACRO.sub(r"\1", _clean(answer)).strip("*_ ")
     match = _CHOICE.match(answer)
     # The letter itself must be a capital: "a" after "Answer:" is more likely an article than option A.
     return match.group(1) if match and match.group(1).isupper() else None
 
 
+def _check_ground_truth(ground_truth: str, is_choice: bool) -> str:
+    """The cleaned ground truth (its letter for multiple choice). Raises on bad data: a ground truth
+    that can never match would otherwise score every response 0 without a word."""
+    if not isinstance(ground_truth, str):
+        raise TypeError(f"ground truth must be a str, got {type(ground_truth).__name__}: {ground_truth!r:.50}")
+    gold = _clean(ground_truth)
+    if is_choice:
+        letter = _choice_letter(gold)
+        if letter is None:
+            raise ValueError(f"multiple-choice ground truth must be an option letter, got {ground_truth!r:.50}")
+        return letter
+    if not gold:
+        raise ValueError("empty ground truth")
+    return gold
+
+
 def grade(response: str | None, ground_truth: str, *, is_choice: bool = False, timeout_s: float = 2.0) -> float:
-    """1.0 if the response's final answer equals the ground truth, else 0.0. Never raises.
+    """1.0 if the response's final answer equals the ground truth, else 0.0.
+
+    Never raises on the response; raises TypeError/ValueError on a ground truth that cannot be graded
+    (not a str, empty, or not a letter when is_choice).
 
     is_choice: multiple choice (GPQA): compare option letters instead of math.
     timeout_s: math-verify's own limit for each parse and each comparison, floored to whole seconds
@@ -201,14 +229,13 @@ def grade(response: str | None, ground_truth: str, *, is_choice: bool = False, t
         Note that math-verify replaces and cancels any SIGALRM timer of the caller. For many responses,
         or untrusted ones off the main thread, use grade_batch.
     """
+    gold = _check_ground_truth(ground_truth, is_choice)
     try:
         answer = extract_answer(response)
-        if answer is None or not isinstance(ground_truth, str) or is_hostile(answer):
+        if answer is None or is_hostile(answer):
             return 0.0
-        gold = _clean(ground_truth)
         if is_choice:
-            letter = _choice_letter(answer)
-            return float(letter is not None and letter == _choice_letter(gold))
+            return float(_choice_letter(answer) == gold)
         if _normalize(answer) == _normalize(gold) != "":
             return 1.0   # the common case for integer answers, and the only way to match plain text
         main = threading.current_thread() is threading.main_thread()
@@ -307,10 +334,14 @@ class _Pool:
             now = time.monotonic()
             for worker in list(self.workers):
                 if worker.ready and worker.item is None and todo:
+                    # A worker that died while idle (between batches, say) must not cost an item.
+                    if not worker.process.is_alive():
+                        self._replace(worker)
+                        continue
                     index = todo.popleft()
                     try:
                         worker.conn.send((index, *jobs[index]))
-                    except (OSError, ValueError):   # died while idle; the item is retried on a fresh worker
+                    except (OSError, ValueError):   # died just now; the item is retried on a fresh worker
                         todo.appendleft(index)
                         self._replace(worker)
                         continue
@@ -318,8 +349,6 @@ class _Pool:
                     busy += 1
                 elif not worker.ready and now - worker.started > WORKER_START_TIMEOUT_S:
                     raise RuntimeError(f"a grading worker did not start within {WORKER_START_TIMEOUT_S:.0f} s")
-            if not busy and not any(w.ready for w in self.workers) and not todo:
-                break
             # Sleep until a worker answers, dies, or the earliest deadline passes.
             wake = min([w.deadline for w in self.workers] + [now + 1.0])
             handles = [w.conn for w in self.workers] + [w.process.sentinel for w in self.workers]
@@ -404,6 +433,8 @@ def grade_batch(responses: Sequence[str | None], ground_truths: Sequence[str], *
     choice_flags = [is_choice] * len(responses) if isinstance(is_choice, bool) else list(is_choice)
     if len(choice_flags) != len(responses):
         raise ValueError(f"{len(responses)} responses but {len(choice_flags)} is_choice flags")
+    for truth, choice in zip(ground_truths, choice_flags):
+        _check_ground_truth(truth, choice)   # here, not in a worker, where the error would become a 0.0
     if context not in ("spawn", "forkserver"):
         raise ValueError(f"context must be 'spawn' or 'forkserver', not {context!r}")
     inner_timeout_s = max(1.0, timeout_s / 4)

@@ -49,6 +49,20 @@ def _accumulate_weight_grad(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Ten
         grad_w.add_(torch.mm(dz.T, h))  # CPU has no mixed-dtype GEMM: one bf16 rounding per chunk
 
 
+# On CPU, inductor's C++ kernels sweep their whole input once per reduction (max, sum of exp, divergence,
+# gradient), so a [256, 151936] fp32 chunk (155 MB) would stream from DRAM four or five times. The elementwise
+# math is therefore run on row blocks of about this many elements, which stay in cache: ~2x faster there.
+_CPU_BLOCK_ELEMS = 1 << 21
+
+
+def _row_block(chunk_size: int, vocab: int, device: torch.device) -> int:
+    """Rows per call of the elementwise math: a divisor of chunk_size (static shapes); all of it on GPU."""
+    if device.type != "cpu":
+        return chunk_size
+    target = max(1, _CPU_BLOCK_ELEMS // vocab)
+    return max(d for d in range(1, min(chunk_size, target) + 1) if chunk_size % d == 0)
+
+
 def _maybe_compile(fn):
     """torch.compile lazily (nothing is compiled before the first call), static shapes."""
     return torch.compile(fn, dynamic=False)
@@ -56,38 +70,44 @@ def _maybe_compile(fn):
 
 # ----------------------------------------------------------------------------- distillation: per-chunk math
 
-def _distill_chunk_(z_s, z_t, row_weight, inv_tau: float, divergence: str, beta: float, with_stats: bool):
-    """One chunk of the TS-OPSD divergence; overwrites z_s with d(loss)/d(z_s).
+def _log_softmax(z):
+    """log_softmax over the last dim for finite z; torch.logsumexp's inf/nan guards cost a pass we don't need."""
+    m = z.amax(-1, keepdim=True)
+    return z - (m + (z - m).exp().sum(-1, keepdim=True).log())
 
-    z_s [C, V] student logits, z_t [C, V] raw teacher logits (before 1/tau), row_weight [C] = 1/n_valid for
+
+def _distill_chunk_(z_s, z_t, row_weight, inv_tau: float, divergence: str, beta: float, with_stats: bool):
+    """One block of rows of the TS-OPSD divergence; overwrites z_s with d(loss)/d(z_s).
+
+    z_s [R, V] student logits, z_t [R, V] raw teacher logits (before 1/tau), row_weight [R, 1] = 1/n_valid for
     real tokens and 0 for the padding rows of the last chunk. Writing the gradient into z_s's buffer saves
-    one [C, V] allocation per chunk (on CPU every fresh large buffer is also a round of page faults).
-    Returns (sum of weighted per-token divergences, stats tuple or None).
+    one [R, V] allocation per call. Returns (sum of weighted per-token divergences, stats tuple or None).
     """
-    zs = z_s.to(row_weight.dtype)  # [C, V], fp32 math for bf16 inputs
-    zt = z_t.to(row_weight.dtype) * inv_tau  # [C, V]
-    logp_s = zs - zs.logsumexp(-1, keepdim=True)
-    logp_t = zt - zt.logsumexp(-1, keepdim=True)
+    zs = z_s.to(row_weight.dtype)  # [R, V], fp32 math for bf16 inputs
+    zt = z_t.to(row_weight.dtype) * inv_tau  # [R, V]
+    logp_s, logp_t = _log_softmax(zs), _log_softmax(zt)
     p_s = logp_s.exp()
     p_t = None
     # d(div)/d(z_s): the softmax Jacobian turns d(div)/d(p_s) = g into p_s * (g - sum(p_s * g)).
     if divergence == "reverse_kl":  # KL(p_s || p_t), mode-seeking
         log_ratio = logp_s - logp_t
-        div = (p_s * log_ratio).sum(-1)  # [C]
-        grad = p_s * (log_ratio - div[:, None])  # g = log(p_s/p_t) + 1, the +1 cancels
+        div = (p_s * log_ratio).sum(-1, keepdim=True)  # [R, 1]
+        grad = p_s * (log_ratio - div)  # g = log(p_s/p_t) + 1, the +1 cancels
     elif divergence == "forward_kl":  # KL(p_t || p_s), mass-covering
         p_t = logp_t.exp()
-        div = (p_t * (logp_t - logp_s)).sum(-1)
+        div = (p_t * (logp_t - logp_s)).sum(-1, keepdim=True)
         grad = p_s - p_t
     else:  # generalised JSD with M = (1 - beta) p_s + beta p_t
         p_t = logp_t.exp()
-        # log M as a two-term logsumexp of log-probs: finite even where both p_s and p_t underflow to 0.
-        log_m = torch.logaddexp(logp_s + math.log(1.0 - beta), logp_t + math.log(beta))
-        kl_s = (p_s * (logp_s - log_m)).sum(-1)  # KL(p_s || M)
-        kl_t = (p_t * (logp_t - log_m)).sum(-1)  # KL(p_t || M)
+        # log M as a two-term logsumexp of the weighted log-probs, max + log1p(exp(-|a - b|)): finite even
+        # where p_s and p_t both underflow to 0 (log of the mixture would give -inf and 0 * inf = nan).
+        a, b = logp_s + math.log(1.0 - beta), logp_t + math.log(beta)
+        log_m = torch.maximum(a, b) + (-(a - b).abs()).exp().log1p()
+        kl_s = (p_s * (logp_s - log_m)).sum(-1, keepdim=True)  # KL(p_s || M)
+        kl_t = (p_t * (logp_t - log_m)).sum(-1, keepdim=True)  # KL(p_t || M)
         div = beta * kl_t + (1.0 - beta) * kl_s
-        grad = (1.0 - beta) * p_s * (logp_s - log_m - kl_s[:, None])  # g = (1-beta) log(p_s/M), rest cancels
-    z_s.copy_(grad * row_weight[:, None])
+        grad = (1.0 - beta) * p_s * (logp_s - log_m - kl_s)  # g = (1-beta) log(p_s/M): the rest cancels
+    z_s.copy_(grad * row_weight)
     loss = (div * row_weight).sum()
     if not with_stats:
         return loss, None
@@ -96,7 +116,7 @@ def _distill_chunk_(z_s, z_t, row_weight, inv_tau: float, divergence: str, beta:
     stats = (
         -(p_s * logp_s).sum(-1),  # student_entropy
         -(p_t * logp_t).sum(-1),  # teacher_entropy (of softmax(z_t / tau))
-        div,
+        div.squeeze(-1),
         (zs.argmax(-1) == zt.argmax(-1)).to(row_weight.dtype),  # top1_agree
     )
     return loss, stats
@@ -121,45 +141,51 @@ class FusedLinearKL(torch.autograd.Function):
         valid_idx = mask.nonzero().squeeze(1)  # [n_valid]
         n_valid = valid_idx.numel()
         n_chunks = -(-n_valid // chunk_size)
-        n_pad = n_chunks * chunk_size - n_valid
+        n_rows = n_chunks * chunk_size
         # Pad the last chunk with copies of a real row (finite logits) that get weight 0.
-        rows_all = torch.cat([valid_idx, valid_idx[:1].expand(n_pad)]) if n_valid else valid_idx
-        row_weight = torch.zeros(n_chunks * chunk_size, dtype=acc, device=device)
+        rows_all = torch.cat([valid_idx, valid_idx[:1].expand(n_rows - n_valid)]) if n_valid else valid_idx
+        row_weight = torch.zeros(n_rows, 1, dtype=acc, device=device)
         row_weight[:n_valid] = 1.0 / max(n_valid, 1)
 
         grad_h = torch.zeros_like(student_hidden) if need_dh else None
         grad_w = torch.zeros(student_weight.shape, dtype=acc, device=device) if need_dw else None
         loss = torch.zeros((), dtype=acc, device=device)
-        stats = [torch.zeros(n_tokens, dtype=torch.float32, device=device) for _ in STAT_NAMES] if return_stats else None
+        stats = torch.zeros(len(STAT_NAMES), n_rows, dtype=acc, device=device) if return_stats else None
         # Reused across chunks: the only [C, V] buffers we allocate ourselves.
         z_s = torch.empty(chunk_size, vocab, dtype=dtype, device=device)
         z_t = torch.empty(chunk_size, vocab, dtype=teacher_hidden.dtype, device=device)
+        block = _row_block(chunk_size, vocab, device)
 
         for c in range(n_chunks):
-            rows = rows_all[c * chunk_size:(c + 1) * chunk_size]  # [C]
-            n_real = min(chunk_size, n_valid - c * chunk_size)
+            c0 = c * chunk_size
+            rows = rows_all[c0:c0 + chunk_size]  # [C]
             h_s = student_hidden.index_select(0, rows)  # [C, Hs]
             torch.mm(h_s, student_weight.T, out=z_s)
             torch.mm(teacher_hidden.index_select(0, rows), teacher_weight.T, out=z_t)
-            chunk_loss, chunk_stats = chunk_fn(z_s, z_t, row_weight[c * chunk_size:(c + 1) * chunk_size],
-                                               1.0 / tau, divergence, beta, return_stats)
-            loss += chunk_loss
+            for r in range(0, chunk_size, block):
+                block_loss, block_stats = chunk_fn(z_s[r:r + block], z_t[r:r + block],
+                                                   row_weight[c0 + r:c0 + r + block],
+                                                   1.0 / tau, divergence, beta, return_stats)
+                loss += block_loss
+                if return_stats:
+                    stats[:, c0 + r:c0 + r + block] = torch.stack(block_stats)
             dz = z_s  # now holds d(loss)/d(z_s) [C, V]
             if need_dh:
+                n_real = min(chunk_size, n_valid - c0)
                 grad_h.index_copy_(0, rows[:n_real], (dz @ student_weight)[:n_real])
             if need_dw:
                 _accumulate_weight_grad(grad_w, dz, h_s)
-            if return_stats:
-                for out, s in zip(stats, chunk_stats):
-                    out.index_copy_(0, rows[:n_real], s[:n_real].float())
 
         if need_dw:
             grad_w = grad_w.to(student_weight.dtype)
         ctx.save_for_backward(grad_h, grad_w)
         if not return_stats:
             return loss
-        ctx.mark_non_differentiable(*stats)
-        return (loss, *stats)
+        stats_full = torch.zeros(len(STAT_NAMES), n_tokens, dtype=torch.float32, device=device)
+        stats_full[:, valid_idx] = stats[:, :n_valid].float()
+        stats_full = stats_full.unbind(0)
+        ctx.mark_non_differentiable(*stats_full)
+        return (loss, *stats_full)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):

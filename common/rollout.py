@@ -32,6 +32,22 @@ class Sample:
     text: str                     # the response decoded without special tokens
 
 
+def pack_sequences(seqs: list[tuple[list[int], list[int]]], pad_id: int, device):
+    """(prompt_ids, response_ids) pairs -> right-padded input_ids [B, T], attention mask [B, T], the mask of
+    positions whose NEXT token is a response token [B, T] (the positions a loss reads), and targets [B, T]
+    (input_ids shifted left by one). Prompt tokens never enter a loss."""
+    width = max(len(p) + len(r) for p, r in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    pred = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, r) in enumerate(seqs):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        attn[i, :len(p) + len(r)] = 1
+        pred[i, len(p) - 1:len(p) + len(r) - 1] = True      # the hidden state at t predicts token t+1
+    targets = torch.roll(ids, -1, dims=1)
+    return ids.to(device), attn.to(device), pred.to(device), targets.to(device)
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """Ids that end a response: eos plus Qwen's <|im_end|> and <|endoftext|> when the vocabulary has them."""
     ids = {tokenizer.eos_token_id}

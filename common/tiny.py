@@ -158,6 +158,67 @@ def write_fixture(out_dir: str, *, seed: int = 0, tied: bool = True, n_train: in
             "test": os.path.join(data_dir, "test.jsonl")}
 
 
+# ----------------------------------------------------------------------------- supervised warm start
+
+def noisy_solution(problem: str, rng: random.Random, slip: float) -> str:
+    """A worked solution of "What is a+b-c?" in which each line has probability `slip` of a small arithmetic
+    error, the chain continuing from the wrong value. Supervising on these gives a policy that is right
+    only part of the time and for reasons RL can sharpen (one bit per sample cannot teach a model to
+    add; it can teach it to stop slipping), and with real entropy for RL to collapse."""
+    import re
+    nums = [int(x) for x in re.findall(r"\d+", problem)]
+    ops = re.findall(r"(?<=\d)[+-]", problem)
+    value, lines = nums[0], []
+    for op, t in zip(ops, nums[1:]):
+        new = value + t if op == "+" else value - t
+        if rng.random() < slip:
+            new += rng.choice([-1, 1]) * rng.randint(1, 10)
+        lines.append(f"{value}{op}{t}={new}")
+        value = new
+    lines.append(f"Answer: {value}")
+    return "\n".join(lines)
+
+
+def sft(model_dir: str, train_path: str, *, steps: int = 600, batch_size: int = 64, lr: float = 2e-3,
+        slip: float = 0.3, seed: int = 0, log_every: int = 100) -> None:
+    """Supervise the fixture on (noisy) worked solutions with the `plain` prompt style, in place."""
+    import math
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from common.data import load_problems, render_prompt
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    problems = load_problems(train_path)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    for step in range(steps):
+        cur_lr = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        rows = []
+        for p in rng.choices(problems, k=batch_size):
+            prompt = tok(render_prompt(p, None, "plain"), add_special_tokens=False).input_ids
+            target = tok(noisy_solution(p.problem, rng, slip) + IM_END, add_special_tokens=False).input_ids
+            rows.append((prompt, target))
+        width = max(len(a) + len(b) for a, b in rows)
+        ids = torch.full((batch_size, width), tok.pad_token_id)
+        labels = torch.full((batch_size, width), -100)
+        for i, (a, b) in enumerate(rows):
+            ids[i, :len(a) + len(b)] = torch.tensor(a + b)
+            labels[i, len(a):len(a) + len(b)] = torch.tensor(b)
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (torch.arange(width) < torch.tensor(
+            [len(a) for a, _ in rows])[:, None]), labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"[tiny sft] step {step} loss {loss.item():.4f} lr {cur_lr:.2e}", flush=True)
+    model.save_pretrained(model_dir)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", help="directory to write model/ and data/ into")
@@ -166,9 +227,16 @@ def main(argv=None):
     ap.add_argument("--n-train", type=int, default=2000, help="training problems")
     ap.add_argument("--n-test", type=int, default=200, help="held-out problems (disjoint from train)")
     ap.add_argument("--vocab-size", type=int, default=384, help="BPE vocabulary size incl. 256 bytes + specials")
+    ap.add_argument("--sft-steps", type=int, default=0, help="then supervise on noisy worked solutions for this many steps")
+    ap.add_argument("--sft-lr", type=float, default=2e-3, help="peak learning rate of the supervision (cosine)")
+    ap.add_argument("--sft-batch", type=int, default=64, help="sequences per supervision step")
+    ap.add_argument("--sft-slip", type=float, default=0.3, help="chance of an arithmetic slip per solution line")
     args = ap.parse_args(argv)
     paths = write_fixture(args.out_dir, seed=args.seed, tied=not args.untied, n_train=args.n_train,
                           n_test=args.n_test, vocab_size=args.vocab_size)
+    if args.sft_steps:
+        sft(paths["model"], paths["train"], steps=args.sft_steps, batch_size=args.sft_batch, lr=args.sft_lr,
+            slip=args.sft_slip, seed=args.seed)
     print(json.dumps(paths, indent=1))
 
 

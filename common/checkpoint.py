@@ -1,0 +1,323 @@
+"""Checkpoints: one directory per step that transformers and vLLM load as-is, plus what resuming needs.
+
+    run_dir/checkpoints/step_000010/
+        config.json generation_config.json model.safetensors tokenizer*   the HF model, written by rank 0
+        resume/optimizer/            torch.distributed.checkpoint (DCP): every rank writes its own shard
+        resume/trainer_state.json    {"step": 10, **state} (state = data cursor, config, ... from the script)
+        resume/rng_rank{r}.pt        python / numpy / torch CPU (/ CUDA) generator states of rank r
+
+One code path for a plain module, DDP and FSDP2 (`fully_shard` per decoder layer, then the root): the
+torch.distributed.checkpoint.state_dict helpers name every tensor by its module path (without DDP's
+"module." and torch.compile's "_orig_mod."; we also drop a training root's prefix such as
+common/dist.py's LMWithHead "lm."), and gather DTensor shards when full_state_dict=True. So the weights
+are gathered once, on rank 0, and written with `save_pretrained`; the optimizer state stays sharded,
+keyed by the same HF names, so a checkpoint saved under one wrapping or world size resumes under
+another (DCP reshards on load; tests/_ckpt_worker.py resumes an FSDP2 checkpoint under DDP).
+
+The weights are written in the dtype training holds them in (fp32 master weights under FSDP2 mixed
+precision: twice the size of a bf16 hub checkpoint, and vLLM's dtype="auto" then reads fp32; pass
+dtype="bfloat16" to vLLM). Exact resumes need the fp32 copy.
+
+Why the weights are not in DCP too: the point of the HF copy is that eval and vLLM read it directly,
+and a second copy of the weights would double the disk per step. Resuming reads the HF weights back.
+
+Atomic (against a crashed or killed process, not a power cut: files are not fsync'ed): everything
+goes into `step_000010.tmp/`, all ranks meet at a barrier, then rank 0 renames the directory to
+`step_000010/` and writes nothing into it after. `latest_checkpoint` only sees renamed directories;
+the next save deletes any leftover `*.tmp`.
+
+    ckpt = latest_checkpoint(run_dir)               # None on a fresh run
+    if ckpt: state = load_checkpoint(ckpt, model, optimizer); start = state["step"] + 1
+    ...
+    save_checkpoint(run_dir, step, model, tokenizer, optimizer, {"cursor": cursor}, keep_last=2)
+    save_hf(args.out, model, tokenizer)             # the final model, no resume state
+
+Every function here is collective under torchrun: call it on all ranks.
+"""
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.nn.parallel import DistributedDataParallel
+
+STEP_DIR = re.compile(r"step_(\d+)")   # a complete checkpoint; "step_000010.tmp" does not match
+
+
+# ----------------------------------------------------------------------------- process helpers
+# Plain `python script.py` has no process group; everything below then runs as rank 0 of 1.
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _hf_model(model):
+    """(the HF PreTrainedModel inside `model`, the prefix of its names in DCP's state dicts).
+
+    The prefix is "" for a bare, DDP- or compile-wrapped HF model (DCP drops "module." and "_orig_mod."
+    itself) and "lm." for common/dist.py's LMWithHead root; FSDP2 shards in place and adds nothing.
+    Checkpoints store HF names only, so they load into any of these wrappings."""
+    from transformers import PreTrainedModel
+    while isinstance(model, DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, DistributedDataParallel) else model._orig_mod
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel):
+            return module, "".join(part + "." for part in name.split(".") if part and part != "_orig_mod")
+    raise TypeError(f"no transformers PreTrainedModel inside {type(model).__name__}: nothing to save_pretrained")
+
+
+def _hf_name(name: str, prefix: str) -> str:
+    # A parameter outside the HF model (a value head on the wrapper, say) would be silently lost: refuse.
+    if not name.startswith(prefix):
+        raise ValueError(f"{name} is outside the HF model, and checkpoints hold only the HF model")
+    return name[len(prefix):]
+
+
+def _rename_optim_state(optim_state: dict, rename) -> dict:
+    """The same DCP optimizer state dict with its parameter names passed through `rename`."""
+    return {"state": {rename(k): v for k, v in optim_state["state"].items()},
+            "param_groups": [{**g, "params": [rename(k) for k in g["params"]]} for g in optim_state["param_groups"]]}
+
+
+def _tied_names(hf_model) -> dict:
+    """{alias: first name} for parameters registered under two names, e.g. Qwen3-4B's lm_head.weight ->
+    model.embed_tokens.weight. Found by identity, not from the config, so it holds for any model."""
+    first, aliases = {}, {}
+    for name, p in hf_model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _dcp_quietly(fn, *args, **kwargs):
+    # DCP warns on every call without a process group that it "assumes a single process": it is right.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return fn(*args, **kwargs)
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+    """Rank 0 only: make `tmp` visible as `final` in one rename, replacing an older `final` if any
+    (re-saving a step after a resume). If we crash between the two renames, the old copy survives as a
+    `.tmp` that the next save deletes, and `final` is simply absent: earlier checkpoints still stand."""
+    if os.path.exists(final):
+        old = final + ".old.tmp"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+# ----------------------------------------------------------------------------- HF weights
+
+def _write_hf(out_dir: str, model, tokenizer) -> None:
+    """Gather the full weights onto rank 0's CPU and write an HF model dir there (collective)."""
+    # cpu_offload + full_state_dict: only rank 0 gets tensors, the others get {}, so a 4B model costs
+    # one CPU copy, not one per rank.
+    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _rank() != 0:
+        return
+    hf_model, prefix = _hf_model(model)
+    state_dict = {_hf_name(name, prefix): t for name, t in state_dict.items()}
+    # A tied head must be written once: vLLM and from_pretrained re-tie it from the config, and a second
+    # tensor would double the embedding's disk size. transformers drops the alias itself only when the
+    # two entries share storage, which the FSDP2 gather does not preserve, so drop it here.
+    for alias in _tied_names(hf_model):
+        state_dict.pop(alias, None)
+    # save_pretrained also writes config.json and generation_config.json (Qwen3's two stop tokens). It
+    # empties the dict it is given.
+    hf_model.save_pretrained(out_dir, state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def _read_hf_weights(ckpt_dir: str, model) -> None:
+    """Load the HF safetensors of `ckpt_dir` into `model`, whatever its wrapping (collective)."""
+    from safetensors.torch import load_file
+    files = sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {ckpt_dir}: not a checkpoint written by save_checkpoint")
+    # Under torchrun only rank 0 reads the files and DCP broadcasts each tensor into the other ranks'
+    # shards: one full CPU copy on the node instead of one per rank.
+    broadcast = _distributed() and dist.get_world_size() > 1
+    state_dict = {}
+    if _rank() == 0 or not broadcast:
+        hf_model, prefix = _hf_model(model)
+        for f in files:
+            state_dict.update(load_file(f))
+        for alias, name in _tied_names(hf_model).items():   # written once, see _write_hf
+            if alias not in state_dict and name in state_dict:
+                state_dict[alias] = state_dict[name]
+        state_dict = {prefix + k: v for k, v in state_dict.items()}
+    # strict (the default): a missing or unexpected key, e.g. another architecture's checkpoint, raises.
+    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast))
+
+
+def _save_optimizer(path: str, model, optimizer) -> None:
+    # Sharded (each rank writes its own part, in parallel) and keyed by HF parameter names.
+    optim_state = get_optimizer_state_dict(model, optimizer)
+    prefix = _hf_model(model)[1]
+    _dcp_quietly(dcp.save, _rename_optim_state(optim_state, lambda n: _hf_name(n, prefix)), checkpoint_id=path)
+
+
+def _load_optimizer(path: str, model, optimizer) -> None:
+    # DCP loads in place into a state dict of the right shapes and shardings. A fresh AdamW has no state
+    # yet; get_optimizer_state_dict creates it (one step with zero grads and lr 0).
+    prefix = _hf_model(model)[1]
+    optim_state = _rename_optim_state(get_optimizer_state_dict(model, optimizer), lambda n: _hf_name(n, prefix))
+    _dcp_quietly(dcp.load, optim_state, checkpoint_id=path)
+    set_optimizer_state_dict(model, optimizer, _rename_optim_state(optim_state, lambda n: prefix + n))
+
+
+# ----------------------------------------------------------------------------- RNG
+
+def _rng_state() -> dict:
+    # Plain lists and tensors, so torch.load(weights_only=True) can read it back.
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()   # this rank's current device
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- public API
+
+def save_hf(out_dir: str, model, tokenizer) -> str:
+    """Write only the HF model dir (weights, config, generation config, tokenizer), atomically:
+    into `out_dir.tmp`, then renamed. For final outputs (`--out`). Collective; returns out_dir."""
+    out_dir = os.path.abspath(out_dir)
+    tmp = out_dir + ".tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    _write_hf(tmp, model, tokenizer)
+    _barrier()
+    if _rank() == 0:
+        _replace_dir(tmp, out_dir)
+    _barrier()   # nobody returns (and reads out_dir) before it exists
+    return out_dir
+
+
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer=None, state: dict | None = None, *,
+                    keep_last: int = 2) -> str:
+    """Write run_dir/checkpoints/step_{step:06d}/ (layout in the module docstring) atomically, then
+    delete all but the newest `keep_last` complete checkpoints (<= 0 keeps all). Collective.
+
+    `state` is anything JSON can hold (data cursor, config, ...); load_checkpoint returns it with "step"
+    added. If it has no "config", run_dir/config.json (see common/runlog.py) is copied in, so a
+    checkpoint dir describes itself when moved elsewhere."""
+    root = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(root, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    rank = _rank()
+
+    trainer_state = {"step": step, **(state or {})}
+    config_path = os.path.join(run_dir, "config.json")
+    if "config" not in trainer_state and os.path.isfile(config_path):
+        with open(config_path) as f:
+            trainer_state["config"] = json.load(f)
+    trainer_state_json = json.dumps(trainer_state, indent=1)   # a bad `state` fails here, before any I/O
+
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):   # leftovers of a crashed save, ours included
+            if name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "resume"))
+    _barrier()
+
+    _write_hf(tmp, model, tokenizer)
+    if optimizer is not None:
+        _save_optimizer(os.path.join(tmp, "resume", "optimizer"), model, optimizer)
+    torch.save(_rng_state(), os.path.join(tmp, "resume", f"rng_rank{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(tmp, "resume", "trainer_state.json"), "w") as f:
+            f.write(trainer_state_json)
+
+    _barrier()   # every rank's files are in tmp
+    if rank == 0:
+        _replace_dir(tmp, final)
+        if keep_last > 0:
+            complete = sorted((int(m.group(1)), name) for name in os.listdir(root)
+                              if (m := STEP_DIR.fullmatch(name)))
+            for _, name in complete[:-keep_last]:
+                if os.path.join(root, name) != final:   # never the one just written
+                    shutil.rmtree(os.path.join(root, name))
+    _barrier()   # nobody returns (and looks for the checkpoint) before it exists
+    return final
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete run_dir/checkpoints/step_* dir (highest step), or None if there is none."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    steps = [(int(m.group(1)), name) for name in os.listdir(root) if (m := STEP_DIR.fullmatch(name))]
+    return os.path.join(root, max(steps)[1]) if steps else None
+
+
+def load_checkpoint(ckpt_dir: str, model, optimizer=None) -> dict:
+    """Restore a save_checkpoint dir into `model` (plain, DDP or FSDP2; same shapes), `optimizer` (a
+    fresh one is fine) and this rank's RNGs; returns the trainer state ({"step": ..., **state}). Collective.
+
+    The optimizer's param_groups (lr, betas, ...) come back as saved, so a changed --lr on resume must
+    be set again after this call. An LR scheduler is not saved: derive the LR from the step."""
+    resume = os.path.join(ckpt_dir, "resume")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"no checkpoint at {ckpt_dir}; latest_checkpoint(run_dir) gives the newest "
+                                f"complete one (None on a fresh run)")
+    if not os.path.isfile(os.path.join(resume, "trainer_state.json")):
+        raise FileNotFoundError(f"{ckpt_dir} has no resume/trainer_state.json, so it cannot be resumed: it was "
+                                f"written by save_hf (or by hand). To start a new run from its weights, load it "
+                                f"with AutoModelForCausalLM.from_pretrained instead.")
+    optim_dir = os.path.join(resume, "optimizer")
+    if optimizer is not None and not os.path.isdir(optim_dir):
+        raise FileNotFoundError(f"{ckpt_dir} was saved without an optimizer (no resume/optimizer/); "
+                                f"call load_checkpoint(..., optimizer=None) and start the optimizer fresh")
+
+    _read_hf_weights(ckpt_dir, model)
+    if optimizer is not None:
+        _load_optimizer(optim_dir, model, optimizer)
+
+    rng_path = os.path.join(resume, f"rng_rank{_rank()}.pt")
+    if os.path.isfile(rng_path):
+        _set_rng_state(torch.load(rng_path, weights_only=True))
+    else:   # resumed on more ranks than saved: the new ranks keep their seeded generators
+        warnings.warn(f"{rng_path} missing (saved with fewer ranks?): this rank's RNG is not restored")
+
+    with open(os.path.join(resume, "trainer_state.json")) as f:
+        return json.load(f)

@@ -1,0 +1,309 @@
+"""TS-OPSD: reheat an entropy-collapsed policy by on-policy self-distillation from its own softened logits.
+
+Temperature-Scaled On-Policy Self-Distillation (arXiv 2606.00755). Start from a collapsed RL checkpoint
+theta_0. Per step:
+
+  1. the student pi_theta (initialised at theta_0) samples n responses per prompt at temperature 1 (on-policy)
+  2. the teacher at every response position is softmax(z_t / tau), z_t the logits of the FROZEN theta_0
+     (`--teacher frozen`, the paper's) or of the current student, detached (`--teacher online`)
+  3. loss = mean over all response tokens (of all ranks) of D(student || teacher) over the FULL vocabulary,
+     computed in chunks without ever holding [tokens x vocab] (common/losses.py: fused_linear_kl)
+  4. optimizer step; push the weights into the rollout engine
+  5. stop after `--steps`, or once the student's mean token entropy on its own rollouts reaches
+     `--target-entropy`; save the reheated checkpoint. Then continue RL from it with rl_dapo.py.
+
+The temperature acts on the final logits only: hidden states are untouched by the target. With a frozen
+teacher the exact optimum is theta_0 at temperature tau, which `--closed-form` writes without training
+(the final RMSNorm weight scaled by 1/tau; correct for tied embeddings too, where scaling lm_head would
+also scale the input embedding). Comparing the two checkpoints (evaluate.py --compare) shows what the
+gradient-based reheat does beyond pure temperature.
+
+Choices the paper leaves open, and our defaults:
+- teacher: frozen (its optimum is well defined: the tau-tempered collapsed model; an online teacher keeps
+  moving, so the entropy keeps rising every step and `--target-entropy` is what stops it).
+- divergence: reverse KL, KL(student || teacher): on-policy distillation's standard (mode-seeking, and its
+  gradient is the policy-gradient of the per-token log-ratio on the student's own samples); forward KL
+  and JSD(beta) are one flag away.
+
+    python reheat_tsopsd.py --ckpt runs/collapsed/final --data runs/tiny/data/train.jsonl --prompt-style plain
+    torchrun --nproc_per_node=8 reheat_tsopsd.py --ckpt COLLAPSED --tau 1.5
+    python reheat_tsopsd.py --ckpt COLLAPSED --tau 1.5 --closed-form --out runs/closed_form
+
+Logged metrics (metrics.jsonl; README.md#metrics): reheat/student_entropy, reheat/teacher_entropy,
+reheat/divergence, reheat/top1_agree, rollout/accuracy, rollout/distinct_answers, rollout/response_len_mean,
+train/grad_norm, train/lr, time/*.
+"""
+import dataclasses
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
+from common.cli import arg, parse_args
+from common.data import PROMPT_STYLES, cycle_problems, load_problems, render_prompt
+from common.dist import (all_reduce, cleanup_distributed, derive_seed, full_params, init_distributed, print0,
+                         resolve_model_path, seed_everything, shard_model, unwrap)
+from common.grading import extract_answer, grade_batch
+from common.losses import DIVERGENCES, fused_linear_kl
+from common.rollout import make_engine, pack_sequences
+from common.runlog import MetricsLogger, make_run_dir
+from common.stats import distinct_count
+
+
+# ----------------------------------------------------------------------------- arguments
+
+@dataclasses.dataclass
+class Args:
+    # the method
+    ckpt: str = arg("", "HF checkpoint to reheat, usually the collapsed RL policy (rl_dapo.py's final/)", group="method")
+    tau: float = arg(1.5, "teacher temperature: the target is softmax(z / tau) (paper: 1.5; < 1 sharpens instead)", group="method")
+    teacher: str = arg("frozen", "frozen: a copy of the starting weights (paper); online: the student's own detached logits",
+                       group="method", choices=("frozen", "online"))
+    divergence: str = arg("reverse_kl", "per-token divergence D(student, teacher) over the full vocabulary", group="method",
+                          choices=DIVERGENCES)
+    beta: float = arg(0.5, "JSD mixture weight of the teacher, M = (1-beta) p_s + beta p_t (jsd only)", group="method")
+    steps: int = arg(50, "reheat steps at most", group="method")
+    target_entropy: float | None = arg(None, "stop once the student's mean token entropy at T=1 on its rollouts reaches "
+                                       "this (nats); None: run all steps", group="method")
+    closed_form: bool = arg(False, "write the exact tau-tempered checkpoint (final norm / tau) to --out and exit", group="method")
+    # data and rollout
+    data: str = arg("dapo17k", "prompts: a name from common/data.py or a .jsonl/.parquet file", group="data and rollout")
+    prompt_style: str = arg("dapo_chat", "dapo_chat, dapo_raw, or plain (see rl_dapo.py)", group="data and rollout",
+                            choices=PROMPT_STYLES)
+    n: int = arg(8, "responses sampled per prompt", group="data and rollout")
+    prompts_per_step: int = arg(64, "prompts per step (all ranks together)", group="data and rollout")
+    max_response_len: int = arg(8192, "max tokens per response", group="data and rollout")
+    rollout_engine: str = arg("auto", "vllm, hf, or auto", group="data and rollout", choices=("auto", "vllm", "hf"))
+    vllm_gpu_memory: float = arg(0.4, "fraction of GPU memory for vLLM", group="data and rollout")
+    vllm_kv_cache_gib: float | None = arg(None, "KV cache size in GiB (overrides --vllm-gpu-memory)", group="data and rollout")
+    vllm_tp: int = arg(1, "vLLM tensor parallel size", group="data and rollout")
+    vllm_sleep: bool = arg(True, "free vLLM's GPU memory during training (CUDA only)", group="data and rollout")
+    hf_batch_size: int = arg(256, "sequences per generate call with the HF engine", group="data and rollout")
+    grade_workers: int | None = arg(None, "grading processes for the accuracy monitor (0: inline)", group="data and rollout")
+    # optimizer
+    lr: float = arg(2e-6, "AdamW learning rate (the paper's RL rate; reheating converges in tens of steps)", group="optimizer")
+    warmup_steps: int = arg(0, "linear warmup steps", group="optimizer")
+    weight_decay: float = arg(0.0, "AdamW weight decay (0: only the distillation moves the weights)", group="optimizer")
+    grad_clip: float = arg(1.0, "global gradient-norm clip", group="optimizer")
+    micro_batch_size: int = arg(8, "sequences per forward/backward", group="optimizer")
+    chunk_size: int = arg(1024, "tokens per chunk of the fused KL head", group="optimizer")
+    compile: bool = arg(True, "torch.compile the per-chunk KL math (eager twin otherwise)", group="optimizer")
+    # systems and run
+    device: str = arg("auto", "cuda, cpu, or auto", group="systems", choices=("auto", "cpu", "cuda"))
+    sharding: str = arg("fsdp", "fsdp (FSDP2), ddp, or none", group="systems", choices=("fsdp", "ddp", "none"))
+    bf16: bool | None = arg(None, "bf16 compute (default: CUDA yes, CPU no)", group="systems")
+    activation_checkpointing: bool = arg(False, "recompute activations in backward", group="systems")
+    seed: int = arg(0, "seed", group="systems")
+    out: str = arg("runs", "root of run directories; with --closed-form, the output checkpoint directory", group="run")
+    run_name: str = arg("", "run directory name (default: reheat_tsopsd__<seed>__<time>)", group="run")
+    resume: str = arg("", "run directory to continue from its last complete checkpoint", group="run")
+    save_every: int = arg(0, "steps between checkpoints (0: only at the end)", group="run")
+    keep_last: int = arg(2, "complete checkpoints to keep", group="run")
+    wandb_project: str = arg("", "also log to this wandb project", group="run")
+
+
+def check_args(a: Args):
+    if a.resume:
+        if not os.path.isdir(a.resume) or latest_checkpoint(a.resume) is None:
+            raise SystemExit(f"--resume {a.resume}: not a run directory with a complete checkpoint")
+    elif not a.ckpt:
+        raise SystemExit("--ckpt is required: the HF checkpoint to reheat")
+    if not a.tau > 0:
+        raise SystemExit(f"--tau must be > 0, got {a.tau}")
+    if a.tau == 1.0 and a.teacher == "frozen" and not a.closed_form:
+        raise SystemExit("--tau 1 with a frozen teacher: the student already equals its teacher, so the objective is "
+                         "at its minimum (0) and nothing would change. Use tau > 1 to reheat (or < 1 to sharpen).")
+    if a.divergence == "jsd" and not 0 < a.beta < 1:
+        raise SystemExit(f"--beta must be in (0, 1) for jsd, got {a.beta}")
+    for name in ("steps", "n", "prompts_per_step", "max_response_len", "micro_batch_size", "chunk_size"):
+        if getattr(a, name) <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+
+
+# ----------------------------------------------------------------------------- the closed form
+
+def closed_form_reheat(ckpt: str, tau: float, out: str):
+    """theta_0 at temperature tau, exactly: logits = lm_head(norm(h)) and RMSNorm's weight multiplies its output,
+    so norm.weight / tau divides every logit by tau and changes nothing else."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    lm = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    with torch.no_grad():
+        lm.model.norm.weight.div_(tau)
+    save_hf(out, lm, AutoTokenizer.from_pretrained(ckpt))
+    print(f"[reheat_tsopsd] closed-form tau={tau} checkpoint written to {out}")
+    return out
+
+
+def main(argv=None):
+    args = parse_args(Args, argv, description=__doc__)
+    check_args(args)
+    if args.closed_form:
+        return closed_form_reheat(resolve_model_path(args.ckpt), args.tau, args.out)
+    if args.resume:
+        resume_dir = args.resume
+        saved = json.load(open(os.path.join(resume_dir, "config.json")))
+        for k, v in saved.items():
+            if k in Args.__dataclass_fields__ and k != "resume" and getattr(args, k) == Args.__dataclass_fields__[k].default:
+                setattr(args, k, v)
+        args.resume = resume_dir
+
+    # ------------------------------------------------------------------------- setup
+    info = init_distributed(args.device)
+    seed_everything(derive_seed(args.seed, info.rank))
+    ckpt = resolve_model_path(args.ckpt)
+    config = dataclasses.asdict(args) | {"ckpt_path": ckpt, "world_size": info.world_size}
+    run_dir = args.resume or make_run_dir(args.out, args.run_name or f"reheat_tsopsd__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}",
+                                          config, rank=info.rank)
+    print0(f"[reheat_tsopsd] run directory: {run_dir}")
+    problems = load_problems(args.data)
+
+    # ------------------------------------------------------------------------- models: student and teacher
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    student = shard_model(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), info, args.sharding,
+                          bf16=args.bf16, activation_checkpointing=args.activation_checkpointing)
+    teacher, teacher_weight = None, None
+    if args.teacher == "frozen":
+        # theta_0, sharded like the student, no gradients. Its lm_head never changes, so it is gathered once.
+        teacher = shard_model(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), info, args.sharding,
+                              bf16=args.bf16, requires_grad=False)
+        teacher.eval()
+        head_name = "model.embed_tokens.weight" if unwrap(teacher).config.tie_word_embeddings else "lm_head.weight"
+        teacher_weight = next(t for name, t in full_params(teacher, names={head_name})).to(info.device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start_step, cursor = 0, 0
+    if args.resume:
+        state = load_checkpoint(latest_checkpoint(args.resume), student, optimizer)
+        start_step, cursor = state["step"], state["cursor"]
+    logger = MetricsLogger(run_dir, enabled=info.is_main, wandb_project=args.wandb_project or None)
+    if args.resume:
+        logger.truncate_after(start_step)
+
+    # ------------------------------------------------------------------------- rollout engine
+    max_prompt = max(len(tokenizer(render_prompt(p, tokenizer, args.prompt_style)).input_ids) for p in problems[:2000])
+    engine = make_engine(args.rollout_engine, model=student, model_path=ckpt, tokenizer=tokenizer, info=info,
+                         max_model_len=max_prompt + args.max_response_len + 8, seed=args.seed,
+                         hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
+                         vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp, vllm_sleep=args.vllm_sleep)
+    if args.resume:
+        engine.sync_weights(student)
+    print0(f"[reheat_tsopsd] tau={args.tau} teacher={args.teacher} divergence={args.divergence} engine={engine.name} "
+           f"world={info.world_size} problems={len(problems)}")
+
+    # ------------------------------------------------------------------------- loss: the self-distillation head
+    def teacher_hidden(ids, attn, pred):
+        """Frozen theta_0's final hidden states at the response positions, [N, H] (no grad)."""
+        with torch.no_grad():
+            return teacher(ids, attention_mask=attn, head=lambda h, w: h[pred].detach().clone())
+
+    def kl_head(pred, t_hidden, scale):
+        """Inside the student's forward: D(p_student || softmax(z_teacher / tau)) over the full vocabulary."""
+        def head(hidden, weight):
+            h = hidden[pred]                                                 # [N, H] response positions
+            if args.teacher == "frozen":
+                th, tw = t_hidden.to(h.dtype), teacher_weight.to(h.dtype)
+            else:                                                            # online: the student's own logits
+                th, tw = h.detach(), weight.detach()
+            mask = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+            loss, stats = fused_linear_kl(h, weight, th, tw, mask, tau=args.tau, divergence=args.divergence,
+                                          beta=args.beta, chunk_size=args.chunk_size, compiled=args.compile,
+                                          return_stats=True)
+            return loss * scale, stats
+        return head
+
+    # ------------------------------------------------------------------------- loop
+    pbar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not info.is_main,
+                desc="reheat", dynamic_ncols=True)
+    step = start_step
+    for step in pbar:
+        t_step = time.time()
+        lr_now = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
+        for g in optimizer.param_groups:
+            g["lr"] = lr_now
+        m = {"train/lr": lr_now}
+
+        # ---- 1: on-policy rollouts at T=1
+        t0 = time.time()
+        batch = cycle_problems(problems, args.seed, cursor, args.prompts_per_step)[engine.dp_rank::engine.dp_size]
+        cursor += args.prompts_per_step
+        groups = engine.generate([render_prompt(p, tokenizer, args.prompt_style) for p in batch], n=args.n,
+                                 temperature=1.0, top_p=1.0, max_tokens=args.max_response_len,
+                                 seed=derive_seed(args.seed, engine.dp_rank, step, 100))
+        engine.sleep()
+        m["time/rollout"] = time.time() - t0
+        t0 = time.time()
+        correct = grade_batch([s.text for g in groups for s in g], [p.answer for p, g in zip(batch, groups) for _ in g],
+                              is_choice=[p.is_choice for p, g in zip(batch, groups) for _ in g],
+                              num_workers=args.grade_workers)
+        distinct = [distinct_count([extract_answer(s.text) for s in g]) for g in groups]
+        m["time/grading"] = time.time() - t0
+        # vLLM tensor-parallel replicas hold the same samples: only the first of each group trains on them
+        seqs = [(s.prompt_ids, s.response_ids) for g in groups for s in g] if engine.tp_rank == 0 else []
+        if info.world_size > 1:           # equal micro-batch counts on every rank (FSDP collectives)
+            n_seq = int(all_reduce(len(seqs), "min").item())
+            seqs = seqs[:n_seq]
+
+        # ---- 2-4: self-distillation update
+        t0 = time.time()
+        n_tok_global = all_reduce(sum(len(r) for _, r in seqs)).item()
+        optimizer.zero_grad(set_to_none=True)
+        sums = {k: 0.0 for k in ("student_entropy", "teacher_entropy", "divergence", "top1_agree")}
+        for i in range(0, len(seqs), args.micro_batch_size):
+            part = seqs[i:i + args.micro_batch_size]
+            ids, attn, pred, _ = pack_sequences(part, tokenizer.pad_token_id, info.device)
+            t_h = teacher_hidden(ids, attn, pred) if teacher is not None else None
+            n_tok = int(pred.sum())
+            # fused_linear_kl is a mean over this micro-batch; re-weight to the mean over all tokens of all ranks
+            loss, stats = student(ids, attention_mask=attn, head=kl_head(pred, t_h, n_tok / n_tok_global * info.world_size))
+            loss.backward()
+            for k in sums:
+                sums[k] += stats[k].double().sum().item()
+        gn = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+        if torch.isfinite(gn):
+            optimizer.step()
+        else:
+            print0(f"[reheat_tsopsd] step {step}: non-finite gradient norm; update skipped")
+        m["time/update"] = time.time() - t0
+        t0 = time.time()
+        engine.sync_weights(student)
+        m["time/weight_sync"] = time.time() - t0
+
+        own = engine.tp_rank == 0
+        tot = all_reduce([sums[k] for k in sums] + [sum(correct) * own, len(correct) * own, sum(distinct) * own,
+                                                    len(distinct) * own,
+                                                    sum(len(s.response_ids) for g in groups for s in g) * own])
+        ntok = max(n_tok_global, 1)
+        m |= {f"reheat/{k}": tot[j].item() / ntok for j, k in enumerate(sums)}
+        m |= {"rollout/accuracy": tot[4].item() / max(tot[5].item(), 1),
+              "rollout/distinct_answers": tot[6].item() / max(tot[7].item(), 1),
+              "rollout/response_len_mean": tot[8].item() / max(tot[5].item(), 1),
+              "train/grad_norm": gn.item(), "train/tokens": n_tok_global, "time/step": time.time() - t_step}
+        logger.log(step + 1, m)
+        pbar.set_postfix(ent=f"{m['reheat/student_entropy']:.3f}", kl=f"{m['reheat/divergence']:.4f}",
+                         acc=f"{m['rollout/accuracy']:.3f}")
+        done = step + 1
+        if args.save_every and done % args.save_every == 0 and done < args.steps:
+            save_checkpoint(run_dir, done, student, tokenizer, optimizer, {"step": done, "cursor": cursor},
+                            keep_last=args.keep_last)
+        # the entropy measured this step is that of the policy that sampled (before this update)
+        if args.target_entropy is not None and m["reheat/student_entropy"] >= args.target_entropy:
+            print0(f"[reheat_tsopsd] student entropy {m['reheat/student_entropy']:.4f} >= target {args.target_entropy}: stopping")
+            break
+
+    # ------------------------------------------------------------------------- save
+    save_checkpoint(run_dir, step + 1, student, tokenizer, optimizer, {"step": step + 1, "cursor": cursor},
+                    keep_last=args.keep_last)
+    final = os.path.join(run_dir, "final")
+    save_hf(final, student, tokenizer)
+    print0(f"[reheat_tsopsd] done: reheated policy in {final}")
+    logger.close()
+    cleanup_distributed()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,466 @@
+"""DAPO: RL from verifiable rewards on math problems, with vLLM rollouts in the training process.
+
+The RL stage of the TS-OPSD paper: it produces the entropy-collapsed checkpoint, and continues RL from it
+(plain, at a higher rollout temperature, or from a reheated checkpoint). Per step:
+
+  1. rollout: draw prompts, sample n responses each at temperature T (vLLM in this process, or HF generate)
+  2. reward: +1 if the final answer verifies against the ground truth, -1 otherwise (common/grading.py), plus
+     DAPO's overlong shaping: with max length L and buffer B, a response of length l > L-B gets
+     -(l-(L-B))/B * factor
+  3. dynamic sampling: drop groups whose n answers are all right or all wrong (their advantages are 0); keep
+     generating until the batch has `--prompts-per-step` groups or `--max-gen-batches` batches were drawn
+  4. advantage: (r - mean_group(r)) / (std_group(r) + 1e-6), the same for every token of a response
+  5. update: PPO-clip with decoupled ranges (eps_low 0.2, eps_high 0.28, "clip-higher") and dual-clip c=10
+     for negative advantages; no KL term; loss = sum over ALL response tokens of the mini-batch (every
+     micro-batch, every rank) / their global count ("token-level" mean); one epoch of mini-batches
+  6. push the new weights into the rollout engine
+
+Departures from DAPO/verl, on purpose: one process group does both training and generation (no Ray);
+log-probs and ratios use logits / T, the distribution actually sampled from; groups are filtered on
+correctness (verl's `filter_groups.metric=acc`); with one mini-batch per step the old log-probs are the
+training forward's own (detached: the ratio is exactly 1, one forward saved), otherwise recomputed.
+
+    python rl_dapo.py --model runs/tiny/model --data runs/tiny/data/train.jsonl --prompt-style plain   # 1 CPU
+    torchrun --nproc_per_node=8 rl_dapo.py --model Qwen/Qwen3-4B-Base --data dapo17k --val-data aime24
+    python rl_dapo.py --resume runs/rl_dapo__0__20261126-120000     # continue a run from its last checkpoint
+
+Logged metrics (metrics.jsonl in the run directory; documented in README.md#metrics).
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
+from common.cli import arg, parse_args
+from common.data import PROMPT_STYLES, cycle_problems, load_problems, render_prompt
+from common.dist import (all_gather_objects, all_reduce, barrier, cleanup_distributed, derive_seed, init_distributed,
+                         print0, resolve_model_path, seed_everything, shard_model)
+from common.grading import extract_answer, grade_batch
+from common.losses import chunked_logprob_entropy, entropy_from_hidden
+from common.rollout import make_engine, pack_sequences
+from common.runlog import MetricsLogger, make_run_dir
+from common.stats import distinct_count
+
+
+# ----------------------------------------------------------------------------- arguments
+
+@dataclasses.dataclass
+class Args:
+    # model and data
+    model: str = arg("", "HF checkpoint dir or hub id of the policy to train (e.g. Qwen/Qwen3-4B-Base)", group="model and data")
+    data: str = arg("dapo17k", "training prompts: a name from common/data.py (dapo17k) or a .jsonl/.parquet file", group="model and data")
+    val_data: str = arg("", "held-out set for periodic validation (name or file); empty: no validation", group="model and data")
+    prompt_style: str = arg("dapo_chat", "how a problem becomes a prompt: dapo_chat (DAPO instruction in the chat template), "
+                            "dapo_raw (no template), plain (problem only; the tiny demo model)", group="model and data",
+                            choices=PROMPT_STYLES)
+    # rollout
+    n: int = arg(16, "responses sampled per prompt (DAPO: 16)", group="rollout")
+    prompts_per_step: int = arg(512, "groups (prompts) kept per training step after dynamic sampling (DAPO: 512)", group="rollout")
+    gen_batch_prompts: int = arg(1536, "prompts drawn per generation batch while filling a step (DAPO: 3 x 512)", group="rollout")
+    max_gen_batches: int = arg(10, "generation batches per step at most; then train on what was kept and log it", group="rollout")
+    max_response_len: int = arg(20480, "max tokens per response, L (DAPO: 20480)", group="rollout")
+    overlong_buffer: int = arg(4096, "soft overlong punishment buffer B: responses longer than L-B lose up to `factor` (DAPO: 4096)", group="rollout")
+    overlong_factor: float = arg(1.0, "overlong penalty at length L (DAPO: 1.0); 0 disables", group="rollout")
+    rollout_temperature: float = arg(1.0, "sampling temperature T; log-probs and ratios use logits/T. T>1 is the paper's "
+                                     "rollout-level reheating baseline", group="rollout")
+    top_p: float = arg(1.0, "nucleus sampling (1.0: off, as in DAPO training)", group="rollout")
+    rollout_engine: str = arg("auto", "vllm, hf (transformers generate), or auto (vllm if installed)", group="rollout",
+                              choices=("auto", "vllm", "hf"))
+    vllm_gpu_memory: float = arg(0.5, "fraction of GPU memory vLLM may take for weights + KV cache", group="rollout")
+    vllm_kv_cache_gib: float | None = arg(None, "KV cache size in GiB (overrides --vllm-gpu-memory; useful on CPU)", group="rollout")
+    vllm_tp: int = arg(1, "vLLM tensor parallel size (ranks of one group share prompts)", group="rollout")
+    vllm_sleep: bool = arg(True, "free vLLM's GPU memory during training (CUDA only; sleep level 2)", group="rollout")
+    hf_batch_size: int = arg(256, "sequences per generate call with the HF engine", group="rollout")
+    grade_workers: int | None = arg(None, "grading processes (None: a default from the core count; 0: inline)", group="rollout")
+    grade_timeout: float = arg(5.0, "seconds per graded response before it counts as wrong", group="rollout")
+    # loss
+    eps_low: float = arg(0.2, "PPO clip range below 1 (DAPO: 0.2)", group="loss")
+    eps_high: float = arg(0.28, "PPO clip range above 1, 'clip-higher' (DAPO: 0.28)", group="loss")
+    dual_clip: float = arg(10.0, "dual-clip bound c for negative advantages (verl: 10; 0 disables)", group="loss")
+    tis_cap: float = arg(0.0, "truncated importance sampling for sampler/trainer mismatch: weight min(exp(old-sampler), cap); 0 off (try 2.0)", group="loss")
+    ppo_mini_batch: int = arg(32, "prompts per optimizer step; a training step does prompts_per_step / this updates (DAPO: 32)", group="loss")
+    micro_batch_size: int = arg(8, "sequences per forward/backward (memory knob; does not change the math)", group="loss")
+    chunk_size: int = arg(1024, "tokens per chunk of the vocabulary-wide log-prob/entropy head", group="loss")
+    compile: bool = arg(True, "torch.compile the chunked log-prob/entropy hot path (eager twin otherwise)", group="loss")
+    # optimizer
+    lr: float = arg(2e-6, "AdamW learning rate (paper: 2e-6 for Qwen3-4B/8B)", group="optimizer")
+    warmup_steps: int = arg(10, "linear warmup over this many training steps (paper: 10)", group="optimizer")
+    weight_decay: float = arg(0.1, "AdamW weight decay (verl/DAPO: 0.1)", group="optimizer")
+    grad_clip: float = arg(1.0, "global gradient-norm clip", group="optimizer")
+    # systems
+    steps: int = arg(100, "training steps", group="systems")
+    device: str = arg("auto", "cuda, cpu, or auto", group="systems", choices=("auto", "cpu", "cuda"))
+    sharding: str = arg("fsdp", "fsdp (FSDP2), ddp, or none; ignored in a single process", group="systems",
+                        choices=("fsdp", "ddp", "none"))
+    bf16: bool | None = arg(None, "bf16 compute (default: on CUDA yes, on CPU no)", group="systems")
+    activation_checkpointing: bool = arg(False, "recompute decoder activations in backward to save memory", group="systems")
+    seed: int = arg(0, "seed; every rank/step derives its own from it", group="systems")
+    # run directory
+    out: str = arg("runs", "root directory of run directories", group="run")
+    run_name: str = arg("", "run directory name (default: rl_dapo__<seed>__<time>)", group="run")
+    resume: str = arg("", "run directory to continue from its last complete checkpoint", group="run")
+    save_every: int = arg(50, "steps between checkpoints (0: only at the end)", group="run")
+    keep_last: int = arg(2, "complete checkpoints to keep", group="run")
+    val_every: int = arg(10, "steps between validations (0: only at the end)", group="run")
+    val_n: int = arg(1, "samples per validation problem", group="run")
+    val_temperature: float = arg(1.0, "validation sampling temperature", group="run")
+    val_max_problems: int = arg(0, "validate on the first this-many problems (0: all)", group="run")
+    wandb_project: str = arg("", "also log to this wandb project (empty: off)", group="run")
+
+
+def check_args(a: Args):
+    """Clear errors before any compute."""
+    if a.resume:
+        if not os.path.isdir(a.resume):
+            raise SystemExit(f"--resume {a.resume}: no such run directory")
+        if latest_checkpoint(a.resume) is None:
+            raise SystemExit(f"--resume {a.resume}: it has no complete checkpoint under checkpoints/")
+    elif not a.model:
+        raise SystemExit("--model is required: a HF checkpoint directory or a hub id like Qwen/Qwen3-4B-Base")
+    elif a.model.startswith((".", "/", "~")) or os.sep in a.model and not a.model.count("/") == 1:
+        if not os.path.isdir(os.path.expanduser(a.model)):
+            raise SystemExit(f"--model {a.model}: checkpoint directory does not exist")
+    positive = dict(n=a.n, prompts_per_step=a.prompts_per_step, gen_batch_prompts=a.gen_batch_prompts,
+                    max_gen_batches=a.max_gen_batches, max_response_len=a.max_response_len, ppo_mini_batch=a.ppo_mini_batch,
+                    micro_batch_size=a.micro_batch_size, chunk_size=a.chunk_size, steps=a.steps)
+    for name, v in positive.items():
+        if v <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if a.n < 2:
+        raise SystemExit("--n must be at least 2: group-normalised advantages need several samples per prompt")
+    if not 0 <= a.overlong_buffer < a.max_response_len:
+        raise SystemExit("--overlong-buffer must be in [0, --max-response-len)")
+    if a.rollout_temperature <= 0 or a.val_temperature <= 0:
+        raise SystemExit("temperatures must be > 0")
+    if not 0 < a.top_p <= 1:
+        raise SystemExit("--top-p must be in (0, 1]")
+    if a.eps_low < 0 or a.eps_high < 0 or a.lr <= 0:
+        raise SystemExit("--eps-low, --eps-high must be >= 0 and --lr > 0")
+
+
+# ----------------------------------------------------------------------------- rewards and advantages (the science)
+
+def overlong_penalty(length: int, max_len: int, buffer: int, factor: float) -> float:
+    """DAPO's soft overlong punishment: 0 up to L-B, then linear down to -factor at L."""
+    if buffer <= 0 or factor == 0 or length <= max_len - buffer:
+        return 0.0
+    return -(length - (max_len - buffer)) / buffer * factor
+
+
+def group_advantages(scores: torch.Tensor) -> torch.Tensor:
+    """[groups, n] scores -> [groups, n] advantages, normalised within each group (GRPO/DAPO)."""
+    mean = scores.mean(dim=1, keepdim=True)
+    std = scores.std(dim=1, keepdim=True)           # unbiased, as verl
+    return (scores - mean) / (std + 1e-6)
+
+
+def keep_group(correct: list[float]) -> bool:
+    """Dynamic sampling: a group whose answers are all right or all wrong has zero advantage everywhere."""
+    return 0 < sum(correct) < len(correct)
+
+
+def dapo_token_loss(logp, old_logp, adv, eps_low, eps_high, dual_clip, tis_weight=None):
+    """Per-token PPO-clip loss with decoupled ranges and dual-clip; returns (loss [N], clip stats [N] x3).
+
+    ratio r = exp(logp - old); clipped = max(-A r, -A clip(r, 1-eps_low, 1+eps_high)); for A < 0 the loss is
+    additionally capped at -A c (dual clip), so a huge ratio on a negative token cannot blow up the update.
+    """
+    ratio = torch.exp(logp - old_logp)
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
+    clipped = torch.maximum(pg1, pg2)
+    loss = clipped
+    dual_hit = torch.zeros_like(ratio, dtype=torch.bool)
+    if dual_clip > 0:
+        pg3 = -adv * dual_clip
+        dual_hit = (adv < 0) & (pg3 < clipped)
+        loss = torch.where(adv < 0, torch.minimum(clipped, pg3), clipped)
+    if tis_weight is not None:
+        loss = loss * tis_weight
+    clip_hi = (adv > 0) & (ratio > 1 + eps_high)
+    clip_lo = (adv < 0) & (ratio < 1 - eps_low)
+    return loss, clip_hi, clip_lo, dual_hit
+
+
+def main(argv=None):
+    args = parse_args(Args, argv, description=__doc__)
+    check_args(args)
+    resume_dir = args.resume
+    if resume_dir:                                      # the run's own config wins, except the flags given now
+        saved = json.load(open(os.path.join(resume_dir, "config.json")))
+        for k, v in saved.items():
+            if k in Args.__dataclass_fields__ and k != "resume" and getattr(args, k) == Args.__dataclass_fields__[k].default:
+                setattr(args, k, v)
+        args.resume = resume_dir
+
+    # ------------------------------------------------------------------------- setup
+    info = init_distributed(args.device)
+    seed_everything(derive_seed(args.seed, info.rank))
+    torch.set_float32_matmul_precision("high")
+    model_path = resolve_model_path(args.model)
+    config = dataclasses.asdict(args) | {"model_path": model_path, "world_size": info.world_size}
+    run_dir = args.resume or make_run_dir(args.out, args.run_name or f"rl_dapo__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}",
+                                          config, rank=info.rank)
+    print0(f"[rl_dapo] run directory: {run_dir}")
+
+    train_problems = load_problems(args.data)
+    val_problems = load_problems(args.val_data, limit=args.val_max_problems or None) if args.val_data else []
+    if len(train_problems) < args.gen_batch_prompts:
+        print0(f"[rl_dapo] note: {len(train_problems)} training problems < --gen-batch-prompts {args.gen_batch_prompts}: "
+               f"each generation batch wraps around the data set")
+
+    # ------------------------------------------------------------------------- model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = shard_model(lm, info, args.sharding, bf16=args.bf16, activation_checkpointing=args.activation_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    start_step, cursor = 0, 0
+    if args.resume:
+        ckpt = latest_checkpoint(args.resume)
+        state = load_checkpoint(ckpt, model, optimizer)
+        start_step, cursor = state["step"], state["cursor"]
+        print0(f"[rl_dapo] resumed from {ckpt} at step {start_step}")
+    logger = MetricsLogger(run_dir, enabled=info.is_main, wandb_project=args.wandb_project or None)
+    if args.resume:
+        logger.truncate_after(start_step)
+
+    # ------------------------------------------------------------------------- rollout engine
+    max_prompt = max(len(tokenizer(render_prompt(p, tokenizer, args.prompt_style)).input_ids)
+                     for p in train_problems[:2000] + val_problems[:2000])
+    engine = make_engine(args.rollout_engine, model=model, model_path=model_path, tokenizer=tokenizer, info=info,
+                         max_model_len=max_prompt + args.max_response_len + 8, seed=args.seed,
+                         hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
+                         vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp, vllm_sleep=args.vllm_sleep)
+    if args.resume:
+        engine.sync_weights(model)                      # vLLM loaded the original weights from disk
+    print0(f"[rl_dapo] engine={engine.name} world={info.world_size} device={info.device} "
+           f"train={len(train_problems)} val={len(val_problems)} problems")
+
+    def draw_prompts(cursor: int, count: int):
+        """This engine replica's share of the next `count` problems (common/data.py: cycle_problems)."""
+        return cycle_problems(train_problems, args.seed, cursor, count)[engine.dp_rank::engine.dp_size]
+
+    def grade_groups(problems, groups):
+        """Correctness (0/1) per sample, flattened in group order."""
+        responses = [s.text for g in groups for s in g]
+        truths = [p.answer for p, g in zip(problems, groups) for _ in g]
+        choice = [p.is_choice for p, g in zip(problems, groups) for _ in g]
+        return grade_batch(responses, truths, is_choice=choice, num_workers=args.grade_workers,
+                           timeout_s=args.grade_timeout)
+
+    # ------------------------------------------------------------------------- loss: forward heads
+    T = args.rollout_temperature
+
+    def logprob_head(targets_sel, pred_mask, with_entropy_t1):
+        """Head run inside the model's forward: log p(response token) at temperature T (with grad), entropy at
+        T and, when T != 1, at T=1 (detached), all over response positions only: [N] each."""
+        def head(hidden, weight):
+            h = hidden[pred_mask]                                           # [N, H]
+            logp, ent = chunked_logprob_entropy(h, weight, targets_sel, temperature=T, chunk_size=args.chunk_size,
+                                                compiled=args.compile)
+            ent1 = ent
+            if with_entropy_t1 and T != 1.0:
+                with torch.no_grad():
+                    ent1 = entropy_from_hidden(h.detach(), weight.detach(), 1.0, chunk_size=args.chunk_size,
+                                               compiled=args.compile)
+            return logp, ent, ent1
+        return head
+
+    def forward_logprobs(seqs, grad: bool):
+        ids, attn, pred, targets = pack_sequences(seqs, tokenizer.pad_token_id, info.device)
+        with torch.set_grad_enabled(grad):
+            return model(ids, attention_mask=attn, head=logprob_head(targets[pred], pred, True)), pred
+
+    # ------------------------------------------------------------------------- validation
+    def validate(step: int) -> dict:
+        if not val_problems:
+            return {}
+        mine = val_problems[engine.dp_rank::engine.dp_size]
+        groups = engine.generate([render_prompt(p, tokenizer, args.prompt_style) for p in mine], n=args.val_n,
+                                 temperature=args.val_temperature, top_p=1.0, max_tokens=args.max_response_len,
+                                 seed=derive_seed(args.seed, engine.dp_rank, step, 2)) if mine else []
+        correct = grade_groups(mine, groups) if mine else []
+        lengths = [len(s.response_ids) for g in groups for s in g]
+        own = engine.tp_rank == 0
+        tot = all_reduce([sum(correct) * own, len(correct) * own, sum(lengths) * own])
+        return {"val/accuracy": tot[0].item() / max(tot[1].item(), 1), "val/response_len": tot[2].item() / max(tot[1].item(), 1)}
+
+    # ------------------------------------------------------------------------- training loop
+    L, B = args.max_response_len, args.overlong_buffer
+    pbar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not info.is_main,
+                desc="rl_dapo", dynamic_ncols=True)
+    for step in pbar:
+        t_step = time.time()
+        lr_now = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
+        for g in optimizer.param_groups:
+            g["lr"] = lr_now
+        m = {"train/lr": lr_now}
+
+        # ---- 1-3: rollout, reward, dynamic sampling
+        kept, t_gen, t_grade, gen_tokens = [], 0.0, 0.0, 0
+        all_acc, all_len, all_trunc, distinct, groups_seen, gen_batches = [], [], [], [], 0, 0
+        while True:
+            problems = draw_prompts(cursor, args.gen_batch_prompts)
+            cursor += args.gen_batch_prompts
+            t0 = time.time()
+            groups = engine.generate([render_prompt(p, tokenizer, args.prompt_style) for p in problems], n=args.n,
+                                     temperature=T, top_p=args.top_p, max_tokens=L,
+                                     seed=derive_seed(args.seed, engine.dp_rank, step, 100 + gen_batches))
+            t_gen += time.time() - t0
+            t0 = time.time()
+            correct = grade_groups(problems, groups)
+            t_grade += time.time() - t0
+            gen_batches += 1
+            for gi, (p, g) in enumerate(zip(problems, groups)):
+                acc = correct[gi * args.n:(gi + 1) * args.n]
+                lengths = [len(s.response_ids) for s in g]
+                gen_tokens += sum(lengths)
+                all_acc += acc
+                all_len += lengths
+                all_trunc += [s.finish_reason == "length" for s in g]
+                distinct.append(distinct_count([extract_answer(s.text) for s in g]))
+                groups_seen += 1
+                if keep_group(acc):
+                    scores = [(1.0 if a > 0 else -1.0) + overlong_penalty(n_tok, L, B, args.overlong_factor)
+                              for a, n_tok in zip(acc, lengths)]
+                    kept.append({"samples": [(s.prompt_ids, s.response_ids, s.logprobs) for s in g], "scores": scores})
+            n_kept = all_reduce(len(kept) if engine.tp_rank == 0 else 0).item()
+            if n_kept >= args.prompts_per_step or gen_batches >= args.max_gen_batches:
+                break
+        engine.sleep()
+
+        # balance: every training rank gets the same number of groups (FSDP needs equal forward counts)
+        pool = [g for part in all_gather_objects(kept if engine.tp_rank == 0 else []) for g in part]
+        n_use = min(len(pool), args.prompts_per_step)
+        n_use -= n_use % info.world_size
+        mine = pool[info.rank * (n_use // info.world_size):(info.rank + 1) * (n_use // info.world_size)]
+        own = engine.tp_rank == 0
+        tot = all_reduce([sum(all_acc) * own, len(all_acc) * own, sum(all_len) * own, sum(all_trunc) * own,
+                          sum(distinct) * own, groups_seen * own, gen_tokens * own])
+        mx = all_reduce([max(all_len, default=0)], "max")
+        m |= {"rollout/accuracy": tot[0].item() / max(tot[1].item(), 1),
+              "rollout/reward_mean": (2 * tot[0].item() - tot[1].item()) / max(tot[1].item(), 1),
+              "rollout/response_len_mean": tot[2].item() / max(tot[1].item(), 1),
+              "rollout/response_len_max": mx[0].item(),
+              "rollout/clipped_frac": tot[3].item() / max(tot[1].item(), 1),
+              "rollout/distinct_answers": tot[4].item() / max(tot[5].item(), 1),
+              "rollout/groups_seen": tot[5].item(), "rollout/groups_kept": len(pool),
+              "rollout/groups_filtered": tot[5].item() - len(pool), "rollout/groups_used": n_use,
+              "rollout/gen_batches": gen_batches,
+              "time/rollout": t_gen, "time/grading": t_grade,
+              "perf/rollout_tokens_per_s": tot[6].item() / max(all_reduce(t_gen, "max").item(), 1e-9)}
+
+        # ---- 4-5: advantages and the PPO update
+        t0 = time.time()
+        if n_use == 0:
+            print0(f"[rl_dapo] step {step}: no group with mixed answers after {gen_batches} generation batches; no update")
+        else:
+            seqs, advs, sampler_lp = [], [], []
+            for g in mine:
+                adv = group_advantages(torch.tensor([g["scores"]], dtype=torch.float32))[0]
+                for (p_ids, r_ids, lps), a in zip(g["samples"], adv.tolist()):
+                    seqs.append((p_ids, r_ids))
+                    advs.append(a)
+                    sampler_lp.append(lps)
+            mini_groups = max(1, args.ppo_mini_batch // info.world_size)
+            n_mini = -(-len(mine) // mini_groups)
+            n_seq_mini = mini_groups * args.n
+            stats = {k: 0.0 for k in ("loss", "clip_hi", "clip_lo", "dual", "kl", "tokens", "ent", "ent1", "lp_diff_sum")}
+            lp_diff_max, grad_norms, skipped = 0.0, [], 0
+
+            old_lp = None
+            if n_mini > 1:                       # off-policy after the first update: keep pre-update log-probs
+                old_lp = []
+                for i in range(0, len(seqs), args.micro_batch_size):
+                    (lp, _, _), _ = forward_logprobs(seqs[i:i + args.micro_batch_size], grad=False)
+                    old_lp.append(lp.float())
+                old_lp = torch.cat(old_lp)
+            offsets = torch.tensor([0] + [len(r) for _, r in seqs]).cumsum(0)
+
+            for mb in range(n_mini):
+                s0, s1 = mb * n_seq_mini, min((mb + 1) * n_seq_mini, len(seqs))
+                mb_tokens = all_reduce(sum(len(r) for _, r in seqs[s0:s1])).item()
+                optimizer.zero_grad(set_to_none=True)
+                for i in range(s0, s1, args.micro_batch_size):
+                    part = seqs[i:min(i + args.micro_batch_size, s1)]
+                    (logp, ent, ent1), _ = forward_logprobs(part, grad=True)
+                    tok_adv = torch.cat([torch.full((len(r),), advs[i + j]) for j, (_, r) in enumerate(part)]).to(logp.device)
+                    slp = torch.tensor([x for j in range(len(part)) for x in sampler_lp[i + j]], device=logp.device)
+                    old = old_lp[offsets[i]:offsets[i + len(part)]].to(logp.device) if old_lp is not None else logp.detach().float()
+                    tis = (old - slp).exp().clamp(max=args.tis_cap) if args.tis_cap > 0 else None
+                    loss_tok, c_hi, c_lo, dual = dapo_token_loss(logp.float(), old, tok_adv, args.eps_low, args.eps_high,
+                                                                 args.dual_clip, tis)
+                    # token-level mean over the whole mini-batch on all ranks; DDP/FSDP average gradients over
+                    # ranks, so scale by world size to turn that average back into the global sum / count
+                    loss = loss_tok.sum() / mb_tokens * info.world_size
+                    loss.backward()
+                    with torch.no_grad():
+                        ratio = torch.exp(logp.float() - old)
+                        diff = (old - slp).abs()
+                        stats["loss"] += loss_tok.sum().item()
+                        stats["clip_hi"] += c_hi.sum().item()
+                        stats["clip_lo"] += c_lo.sum().item()
+                        stats["dual"] += dual.sum().item()
+                        stats["kl"] += ((ratio - 1) - torch.log(ratio)).sum().item()
+                        stats["tokens"] += len(logp)
+                        stats["ent"] += ent.sum().item()
+                        stats["ent1"] += ent1.sum().item()
+                        if mb == 0:                      # before any update: the engine's and trainer's log-probs
+                            stats["lp_diff_sum"] += diff.sum().item()
+                            lp_diff_max = max(lp_diff_max, diff.max().item())
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+                if not torch.isfinite(gn):
+                    print0(f"[rl_dapo] step {step} mini-batch {mb}: non-finite loss/gradient (norm {gn.item()}); update skipped")
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    continue
+                optimizer.step()
+                grad_norms.append(gn.item())
+            tot = all_reduce([stats[k] for k in ("loss", "clip_hi", "clip_lo", "dual", "kl", "tokens", "ent", "ent1", "lp_diff_sum")])
+            ntok = max(tot[5].item(), 1)
+            first_mb_tokens = all_reduce(sum(len(r) for _, r in seqs[:n_seq_mini])).item()
+            m |= {"train/pg_loss": tot[0].item() / ntok, "train/clip_frac_upper": tot[1].item() / ntok,
+                  "train/clip_frac_lower": tot[2].item() / ntok, "train/clip_frac_dual": tot[3].item() / ntok,
+                  "train/approx_kl": tot[4].item() / ntok, "train/entropy": tot[6].item() / ntok,
+                  "train/entropy_t1": tot[7].item() / ntok,
+                  "train/grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "train/updates": len(grad_norms),
+                  "train/updates_skipped": skipped, "train/tokens": ntok,
+                  "rollout/logprob_diff_mean": tot[8].item() / max(first_mb_tokens, 1),
+                  "rollout/logprob_diff_max": all_reduce([lp_diff_max], "max")[0].item()}
+        m["time/update"] = time.time() - t0
+
+        # ---- 6: weight sync
+        t0 = time.time()
+        engine.sync_weights(model)
+        m["time/weight_sync"] = time.time() - t0
+        done = step + 1
+        if (args.val_every and done % args.val_every == 0) or done == args.steps:
+            t0 = time.time()
+            m |= validate(done)
+            m["time/validation"] = time.time() - t0
+        m["time/step"] = time.time() - t_step
+        logger.log(done, m)
+        pbar.set_postfix(acc=f"{m['rollout/accuracy']:.3f}", ent=f"{m.get('train/entropy_t1', float('nan')):.3f}",
+                         kept=f"{m['rollout/groups_used']}")
+        if (args.save_every and done % args.save_every == 0) or done == args.steps:
+            save_checkpoint(run_dir, done, model, tokenizer, optimizer, {"step": done, "cursor": cursor},
+                            keep_last=args.keep_last)
+
+    # ------------------------------------------------------------------------- save
+    final = os.path.join(run_dir, "final")
+    save_hf(final, model, tokenizer)
+    print0(f"[rl_dapo] done: final policy in {final}")
+    logger.close()
+    cleanup_distributed()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()
