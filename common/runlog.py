@@ -108,7 +108,7 @@ def env_info(repo: str = REPO) -> tuple[dict, str | None]:
         "cuda": torch.version.cuda if cuda else None,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
-        "world_size": dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1)),
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "command": command_line(),
         "cwd": os.getcwd(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -133,7 +133,7 @@ def _write_once(path: str, text: str, stamp: str, resuming: bool) -> str | None:
 def command_line() -> str:
     """The command that reproduces this process group: under torchrun, sys.argv is only the script's."""
     cmd = [sys.executable, *sys.argv]
-    if "LOCAL_WORLD_SIZE" in os.environ:
+    if {"TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE"} <= os.environ.keys():   # set by torchrun
         nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
         cmd = ["torchrun", f"--nnodes={nodes}", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}", *sys.argv]
     return shlex.join(cmd)

@@ -48,15 +48,18 @@ def test_hf_engine_logprobs_match_trainer(tiny, temperature):
     assert [[s.response_ids for s in g] for g in again] == [[s.response_ids for s in g] for g in groups]
 
 
-def test_vllm_engine_sync_weights_matches_trainer(tiny_untied):
-    """After sync_weights, vLLM's log-probs of its samples equal the trainer's within 1e-4 (untied lm_head,
-    so a missed lm_head sync would show), including the prompt KV that the prefix cache would reuse."""
+@pytest.mark.parametrize("which", ["tiny", "tiny_untied"])
+def test_vllm_engine_sync_weights_matches_trainer(which, request):
+    """After sync_weights, vLLM's log-probs of its samples equal the trainer's within 1e-4, for tied (the
+    lm_head is the embedding) and untied (a separate lm_head that must be pushed too) models, including
+    the prompt KV that the prefix cache would otherwise reuse."""
     pytest.importorskip("vllm")
     from common.rollout import VLLMEngine
-    tok = AutoTokenizer.from_pretrained(tiny_untied["model"])
-    lm = AutoModelForCausalLM.from_pretrained(tiny_untied["model"])
+    paths = request.getfixturevalue(which)
+    tok = AutoTokenizer.from_pretrained(paths["model"])
+    lm = AutoModelForCausalLM.from_pretrained(paths["model"])
     model = shard_model(lm, DistInfo(), "none")
-    engine = VLLMEngine(tiny_untied["model"], tok, DistInfo(), max_model_len=256, kv_cache_gib=0.0625)
+    engine = VLLMEngine(paths["model"], tok, DistInfo(), max_model_len=256, kv_cache_gib=0.0625)
     for round_ in range(2):
         groups = engine.generate(PROMPTS, n=2, temperature=1.3, max_tokens=12, seed=round_)
         check_samples(groups, tok, 2, 12)
