@@ -73,7 +73,7 @@ class Args:
     data: str = arg("dapo17k", "prompts: a name from common/data.py or a .jsonl/.parquet file", group="data and rollout")
     prompt_style: str = arg("dapo_chat", "dapo_chat, dapo_raw, or plain (see rl_dapo.py)", group="data and rollout",
                             choices=PROMPT_STYLES)
-    n: int = arg(8, "responses sampled per prompt", group="data and rollout")
+    group_size: int = arg(8, "responses sampled per prompt, n", group="data and rollout")
     prompts_per_step: int = arg(64, "prompts per step (all ranks together)", group="data and rollout")
     max_response_len: int = arg(8192, "max tokens per response", group="data and rollout")
     rollout_engine: str = arg("auto", "vllm, hf, or auto", group="data and rollout", choices=("auto", "vllm", "hf"))
@@ -118,7 +118,7 @@ def check_args(a: Args):
                          "at its minimum (0) and nothing would change. Use tau > 1 to reheat (or < 1 to sharpen).")
     if a.divergence == "jsd" and not 0 < a.beta < 1:
         raise SystemExit(f"--beta must be in (0, 1) for jsd, got {a.beta}")
-    for name in ("steps", "n", "prompts_per_step", "max_response_len", "micro_batch_size", "chunk_size"):
+    for name in ("steps", "group_size", "prompts_per_step", "max_response_len", "micro_batch_size", "chunk_size"):
         if getattr(a, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
 
@@ -155,8 +155,10 @@ def main(argv=None):
     seed_everything(derive_seed(args.seed, info.rank))
     ckpt = resolve_model_path(args.ckpt)
     config = dataclasses.asdict(args) | {"ckpt_path": ckpt, "world_size": info.world_size}
-    run_dir = args.resume or make_run_dir(args.out, args.run_name or f"reheat_tsopsd__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}",
-                                          config, rank=info.rank)
+    if args.resume:                                     # same directory; a changed config is written beside
+        config["run_name"] = os.path.basename(os.path.normpath(args.resume))
+    run_dir = make_run_dir(os.path.dirname(os.path.normpath(args.resume)) if args.resume else args.out, "reheat_tsopsd",
+                           config, rank=info.rank)
     print0(f"[reheat_tsopsd] run directory: {run_dir}")
     problems = load_problems(args.data)
 
@@ -229,7 +231,7 @@ def main(argv=None):
         t0 = time.time()
         batch = cycle_problems(problems, args.seed, cursor, args.prompts_per_step)[engine.dp_rank::engine.dp_size]
         cursor += args.prompts_per_step
-        groups = engine.generate([render_prompt(p, tokenizer, args.prompt_style) for p in batch], n=args.n,
+        groups = engine.generate([render_prompt(p, tokenizer, args.prompt_style) for p in batch], n=args.group_size,
                                  temperature=1.0, top_p=1.0, max_tokens=args.max_response_len,
                                  seed=derive_seed(args.seed, engine.dp_rank, step, 100))
         engine.sleep()

@@ -59,7 +59,7 @@ class Args:
                             "dapo_raw (no template), plain (problem only; the tiny demo model)", group="model and data",
                             choices=PROMPT_STYLES)
     # rollout
-    n: int = arg(16, "responses sampled per prompt (DAPO: 16)", group="rollout")
+    group_size: int = arg(16, "responses sampled per prompt, n (DAPO: 16)", group="rollout")
     prompts_per_step: int = arg(512, "groups (prompts) kept per training step after dynamic sampling (DAPO: 512)", group="rollout")
     gen_batch_prompts: int = arg(1536, "prompts drawn per generation batch while filling a step (DAPO: 3 x 512)", group="rollout")
     max_gen_batches: int = arg(10, "generation batches per step at most; then train on what was kept and log it", group="rollout")
@@ -125,14 +125,14 @@ def check_args(a: Args):
     elif a.model.startswith((".", "/", "~")) or os.sep in a.model and not a.model.count("/") == 1:
         if not os.path.isdir(os.path.expanduser(a.model)):
             raise SystemExit(f"--model {a.model}: checkpoint directory does not exist")
-    positive = dict(n=a.n, prompts_per_step=a.prompts_per_step, gen_batch_prompts=a.gen_batch_prompts,
+    positive = dict(group_size=a.group_size, prompts_per_step=a.prompts_per_step, gen_batch_prompts=a.gen_batch_prompts,
                     max_gen_batches=a.max_gen_batches, max_response_len=a.max_response_len, ppo_mini_batch=a.ppo_mini_batch,
                     micro_batch_size=a.micro_batch_size, chunk_size=a.chunk_size, steps=a.steps)
     for name, v in positive.items():
         if v <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {v}")
-    if a.n < 2:
-        raise SystemExit("--n must be at least 2: group-normalised advantages need several samples per prompt")
+    if a.group_size < 2:
+        raise SystemExit("--group-size must be at least 2: group-normalised advantages need several samples per prompt")
     if not 0 <= a.overlong_buffer < a.max_response_len:
         raise SystemExit("--overlong-buffer must be in [0, --max-response-len)")
     if a.rollout_temperature <= 0 or a.val_temperature <= 0:
@@ -204,8 +204,10 @@ def main(argv=None):
     torch.set_float32_matmul_precision("high")
     model_path = resolve_model_path(args.model)
     config = dataclasses.asdict(args) | {"model_path": model_path, "world_size": info.world_size}
-    run_dir = args.resume or make_run_dir(args.out, args.run_name or f"rl_dapo__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}",
-                                          config, rank=info.rank)
+    if args.resume:                                     # same directory; a changed config is written beside
+        config["run_name"] = os.path.basename(os.path.normpath(args.resume))
+    run_dir = make_run_dir(os.path.dirname(os.path.normpath(args.resume)) if args.resume else args.out, "rl_dapo",
+                           config, rank=info.rank)
     print0(f"[rl_dapo] run directory: {run_dir}")
 
     train_problems = load_problems(args.data)
@@ -309,7 +311,7 @@ def main(argv=None):
             problems = draw_prompts(cursor, args.gen_batch_prompts)
             cursor += args.gen_batch_prompts
             t0 = time.time()
-            groups = engine.generate([render_prompt(p, tokenizer, args.prompt_style) for p in problems], n=args.n,
+            groups = engine.generate([render_prompt(p, tokenizer, args.prompt_style) for p in problems], n=args.group_size,
                                      temperature=T, top_p=args.top_p, max_tokens=L,
                                      seed=derive_seed(args.seed, engine.dp_rank, step, 100 + gen_batches))
             t_gen += time.time() - t0
@@ -318,7 +320,7 @@ def main(argv=None):
             t_grade += time.time() - t0
             gen_batches += 1
             for gi, (p, g) in enumerate(zip(problems, groups)):
-                acc = correct[gi * args.n:(gi + 1) * args.n]
+                acc = correct[gi * args.group_size:(gi + 1) * args.group_size]
                 lengths = [len(s.response_ids) for s in g]
                 gen_tokens += sum(lengths)
                 all_acc += acc
@@ -370,7 +372,7 @@ def main(argv=None):
                     sampler_lp.append(lps)
             mini_groups = max(1, args.ppo_mini_batch // info.world_size)
             n_mini = -(-len(mine) // mini_groups)
-            n_seq_mini = mini_groups * args.n
+            n_seq_mini = mini_groups * args.group_size
             stats = {k: 0.0 for k in ("loss", "clip_hi", "clip_lo", "dual", "kl", "tokens", "ent", "ent1", "lp_diff_sum")}
             lp_diff_max, grad_norms, skipped = 0.0, [], 0
 

@@ -173,7 +173,8 @@ def _read_hf_weights(ckpt_dir: str, model) -> None:
                 state_dict[alias] = state_dict[name]
         state_dict = {prefix + k: v for k, v in state_dict.items()}
     # strict (the default): a missing or unexpected key, e.g. another architecture's checkpoint, raises.
-    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)
+    set_model_state_dict(model, state_dict, options=options)
 
 
 def _save_optimizer(path: str, model, optimizer) -> None:

@@ -136,11 +136,6 @@ class LMWithHead(nn.Module):
             hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             return head(hidden, self.lm.lm_head.weight)
 
-    def generate(self, **kwargs):
-        """transformers' generate on the wrapped model; registered as an FSDP2 forward method, so the
-        root's parameters (embeddings, norm, lm_head) are gathered for the whole call."""
-        return self.lm.generate(**kwargs)
-
 
 def shard_model(lm: nn.Module, info: DistInfo, mode: str = "fsdp", *, bf16: bool | None = None,
                 activation_checkpointing: bool = False, requires_grad: bool = True) -> nn.Module:
@@ -173,8 +168,6 @@ def shard_model(lm: nn.Module, info: DistInfo, mode: str = "fsdp", *, bf16: bool
     for layer in lm.model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(root, mp_policy=mp)
-    from torch.distributed.fsdp import register_fsdp_forward_method
-    register_fsdp_forward_method(root, "generate")
     return root
 
 

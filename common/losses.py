@@ -13,10 +13,11 @@ them to what is needed, and drop them: the peak is a few [chunk_size, V] buffers
     chunked_logprob_entropy   the RL trainer's log pi(target) (with gradient) and token entropy (without).
     entropy_from_hidden       token entropy only, e.g. to monitor reheating or stop at a target entropy.
 
-The per-chunk math lives in plain functions that run either compiled with torch.compile (dynamic=False,
-every chunk has the same static shape: the last one is padded) or eagerly: `compiled=False` calls the very
+The per-chunk math lives in plain functions that run either compiled with torch.compile (dynamic=False:
+every call has the same static shape, the last chunk is padded) or eagerly: `compiled=False` calls the very
 same Python function, so the two can be tested against each other. Matmuls stay outside the compiled
-region (they are library GEMMs either way); what compilation buys is fusing the softmax passes.
+region (they are library GEMMs either way); what compilation buys is fusing the softmax passes. On CPU the
+elementwise math runs on cache-sized row blocks of each chunk (see _row_block).
 
 The distillation loss computes its gradients during the forward pass, chunk by chunk (as Liger-Kernel's
 fused linear losses do) and keeps only d hidden [N, H] and d weight [V, H]: the loss is a scalar, so its
@@ -79,9 +80,11 @@ def _log_softmax(z):
 def _distill_chunk_(z_s, z_t, row_weight, inv_tau: float, divergence: str, beta: float, with_stats: bool):
     """One block of rows of the TS-OPSD divergence; overwrites z_s with d(loss)/d(z_s).
 
-    z_s [R, V] student logits, z_t [R, V] raw teacher logits (before 1/tau), row_weight [R, 1] = 1/n_valid for
-    real tokens and 0 for the padding rows of the last chunk. Writing the gradient into z_s's buffer saves
-    one [R, V] allocation per call. Returns (sum of weighted per-token divergences, stats tuple or None).
+    z_s [R, V] student logits, z_t [R, V] raw teacher logits (before 1/tau), row_weight [R, 1] = 1 for real
+    tokens and 0 for the padding rows of the last chunk (the 1/n_valid of the mean is applied to the
+    accumulated gradients at the end: scaling here would push bf16/fp16 gradients toward underflow).
+    Writing the gradient into z_s's buffer saves one [R, V] allocation per call.
+    Returns (sum of the real rows' divergences, stats tuple or None).
     """
     zs = z_s.to(row_weight.dtype)  # [R, V], fp32 math for bf16 inputs
     zt = z_t.to(row_weight.dtype) * inv_tau  # [R, V]
@@ -107,19 +110,18 @@ def _distill_chunk_(z_s, z_t, row_weight, inv_tau: float, divergence: str, beta:
         kl_t = (p_t * (logp_t - log_m)).sum(-1, keepdim=True)  # KL(p_t || M)
         div = beta * kl_t + (1.0 - beta) * kl_s
         grad = (1.0 - beta) * p_s * (logp_s - log_m - kl_s)  # g = (1-beta) log(p_s/M): the rest cancels
+    stats = None
+    if with_stats:
+        p_t = logp_t.exp() if p_t is None else p_t
+        stats = (
+            -(p_s * logp_s).sum(-1),  # student_entropy
+            -(p_t * logp_t).sum(-1),  # teacher_entropy (of softmax(z_t / tau))
+            div.squeeze(-1),
+            (zs.argmax(-1) == zt.argmax(-1)).to(row_weight.dtype),  # top1_agree
+        )
+    # Last: zs may alias z_s (same dtype), and everything above must read the logits, not the gradient.
     z_s.copy_(grad * row_weight)
-    loss = (div * row_weight).sum()
-    if not with_stats:
-        return loss, None
-    if p_t is None:
-        p_t = logp_t.exp()
-    stats = (
-        -(p_s * logp_s).sum(-1),  # student_entropy
-        -(p_t * logp_t).sum(-1),  # teacher_entropy (of softmax(z_t / tau))
-        div.squeeze(-1),
-        (zs.argmax(-1) == zt.argmax(-1)).to(row_weight.dtype),  # top1_agree
-    )
-    return loss, stats
+    return (div * row_weight).sum(), stats
 
 
 _distill_chunk_compiled = _maybe_compile(_distill_chunk_)
@@ -145,7 +147,7 @@ class FusedLinearKL(torch.autograd.Function):
         # Pad the last chunk with copies of a real row (finite logits) that get weight 0.
         rows_all = torch.cat([valid_idx, valid_idx[:1].expand(n_rows - n_valid)]) if n_valid else valid_idx
         row_weight = torch.zeros(n_rows, 1, dtype=acc, device=device)
-        row_weight[:n_valid] = 1.0 / max(n_valid, 1)
+        row_weight[:n_valid] = 1.0
 
         grad_h = torch.zeros_like(student_hidden) if need_dh else None
         grad_w = torch.zeros(student_weight.shape, dtype=acc, device=device) if need_dw else None
@@ -176,8 +178,12 @@ class FusedLinearKL(torch.autograd.Function):
             if need_dw:
                 _accumulate_weight_grad(grad_w, dz, h_s)
 
+        inv_n = 1.0 / max(n_valid, 1)  # mean over valid tokens
+        loss *= inv_n
+        if need_dh:
+            grad_h *= inv_n
         if need_dw:
-            grad_w = grad_w.to(student_weight.dtype)
+            grad_w = grad_w.mul_(inv_n).to(student_weight.dtype)  # no copy for fp32/fp64
         ctx.save_for_backward(grad_h, grad_w)
         if not return_stats:
             return loss
@@ -244,6 +250,8 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
                          f"{teacher_weight.shape[0]}")
     if mask.dtype != torch.bool or mask.shape != (n_tokens,):
         raise ValueError(f"mask must be a bool tensor of shape ({n_tokens},), got {mask.dtype} {tuple(mask.shape)}")
+    if len({t.device for t in (student_hidden, student_weight, teacher_hidden, teacher_weight, mask)}) != 1:
+        raise ValueError("all inputs must be on one device")
     if student_weight.dtype != student_hidden.dtype or teacher_weight.dtype != teacher_hidden.dtype:
         raise ValueError("each hidden/weight pair must share a dtype, got student "
                          f"{student_hidden.dtype}/{student_weight.dtype}, teacher {teacher_hidden.dtype}/{teacher_weight.dtype}")
@@ -263,33 +271,33 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
 # ----------------------------------------------------------------------------- log-probs and entropy: per-chunk math
 
 def _logprob_entropy_chunk(z, targets, inv_temp: float):
-    """z [C, V] logits (before temperature), targets [C] -> (logprob [C], entropy [C], logsumexp [C]) in fp32+."""
+    """z [R, V] logits (before temperature), targets [R] -> (logprob [R], entropy [R], logsumexp [R]), fp32+."""
     zf = z.to(_acc_dtype(z.dtype)) * inv_temp
-    lse = zf.logsumexp(-1)  # [C]
-    logprob = zf.gather(1, targets[:, None]).squeeze(1) - lse
-    logp = zf - lse[:, None]
-    entropy = -(logp.exp() * logp).sum(-1)  # not lse - sum(p z): that cancels badly for peaked p
-    return logprob, entropy, lse
+    m = zf.amax(-1, keepdim=True)
+    lse = m + (zf - m).exp().sum(-1, keepdim=True).log()  # [R, 1]
+    logp = zf - lse
+    logprob = logp.gather(1, targets[:, None]).squeeze(1)
+    entropy = -(logp.exp() * logp).sum(-1)  # not lse - sum(p z), which cancels badly for peaked p
+    return logprob, entropy, lse.squeeze(1)
 
 
 def _logprob_grad_chunk_(z, targets, lse, grad_logprob, inv_temp: float):
-    """Overwrites z [C, V] with d(sum_i g_i log p_i(target_i))/d(logits) = g * (onehot - p) / temperature."""
+    """Overwrites z [R, V] with d(sum_i g_i log p_i(target_i))/d(logits) = g * (onehot - p) / temperature."""
     zf = z.to(lse.dtype) * inv_temp
     p = (zf - lse[:, None]).exp()
-    onehot = torch.zeros_like(p).scatter_(1, targets[:, None], 1.0)
-    z.copy_((onehot - p) * (grad_logprob * inv_temp)[:, None])
+    onehot = torch.arange(z.shape[1], device=z.device) == targets[:, None]  # fuses; scatter_ would materialise
+    z.copy_((onehot.to(p.dtype) - p) * (grad_logprob * inv_temp)[:, None])
 
 
 _logprob_entropy_chunk_compiled = _maybe_compile(_logprob_entropy_chunk)
 _logprob_grad_chunk_compiled = _maybe_compile(_logprob_grad_chunk_)
 
 
-def _padded_chunk(x: torch.Tensor, start: int, chunk_size: int) -> torch.Tensor:
-    """x[start:start + chunk_size], zero-padded to chunk_size rows so every compiled call sees one shape."""
-    part = x[start:start + chunk_size]
-    if part.shape[0] == chunk_size:
-        return part
-    return torch.cat([part, part.new_zeros(chunk_size - part.shape[0], *part.shape[1:])])
+def _pad_rows(x: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """x zero-padded to n_rows rows, so every compiled call sees one static shape."""
+    if x.shape[0] == n_rows:
+        return x
+    return torch.cat([x, x.new_zeros(n_rows - x.shape[0], *x.shape[1:])])
 
 
 class ChunkedLogprobEntropy(torch.autograd.Function):
@@ -298,19 +306,19 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, compiled):
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
-        acc = _acc_dtype(hidden.dtype)
+        acc, device = _acc_dtype(hidden.dtype), hidden.device
         fwd_fn = _logprob_entropy_chunk_compiled if compiled else _logprob_entropy_chunk
-        logprobs = torch.empty(n_tokens, dtype=acc, device=hidden.device)
-        entropy = torch.empty(n_tokens, dtype=acc, device=hidden.device)
-        lse = torch.empty(n_tokens, dtype=acc, device=hidden.device)
-        z = torch.empty(chunk_size, vocab, dtype=hidden.dtype, device=hidden.device)  # reused [C, V]
-        for start in range(0, n_tokens, chunk_size):
-            n_real = min(chunk_size, n_tokens - start)
-            torch.mm(_padded_chunk(hidden, start, chunk_size), weight.T, out=z)
-            lp, ent, ls = fwd_fn(z, _padded_chunk(targets, start, chunk_size), 1.0 / temperature)
-            logprobs[start:start + n_real] = lp[:n_real]
-            entropy[start:start + n_real] = ent[:n_real]
-            lse[start:start + n_real] = ls[:n_real]
+        n_rows = -(-n_tokens // chunk_size) * chunk_size
+        targets = _pad_rows(targets, n_rows)
+        out = torch.empty(3, n_rows, dtype=acc, device=device)  # logprob, entropy, logsumexp
+        z = torch.empty(chunk_size, vocab, dtype=hidden.dtype, device=device)  # reused [C, V]
+        block = _row_block(chunk_size, vocab, device)
+        for c0 in range(0, n_rows, chunk_size):
+            torch.mm(_pad_rows(hidden[c0:c0 + chunk_size], chunk_size), weight.T, out=z)
+            for r in range(0, chunk_size, block):
+                a, b = c0 + r, c0 + r + block
+                out[:, a:b] = torch.stack(fwd_fn(z[r:r + block], targets[a:b], 1.0 / temperature))
+        logprobs, entropy, lse = out[0, :n_tokens].clone(), out[1, :n_tokens].clone(), out[2]
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk_size, ctx.compiled = temperature, chunk_size, compiled
         ctx.mark_non_differentiable(entropy)
@@ -318,24 +326,25 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs, unused_grad_entropy):
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, weight, targets, lse = ctx.saved_tensors  # targets and lse padded to n_rows
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        chunk_size, n_tokens = ctx.chunk_size, hidden.shape[0]
+        chunk_size, n_tokens, n_rows = ctx.chunk_size, hidden.shape[0], lse.shape[0]
         grad_fn = _logprob_grad_chunk_compiled if ctx.compiled else _logprob_grad_chunk_
-        acc = lse.dtype
         grad_h = torch.empty_like(hidden) if need_dh else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
-        grad_logprobs = grad_logprobs.to(acc)
+        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_dw else None
+        # zero upstream gradient on the padding rows makes their dz exactly 0
+        grad_logprobs = _pad_rows(grad_logprobs.to(lse.dtype), n_rows)
         z = torch.empty(chunk_size, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
-        for start in range(0, n_tokens, chunk_size):
-            n_real = min(chunk_size, n_tokens - start)
-            h = _padded_chunk(hidden, start, chunk_size)  # [C, H]
+        block = _row_block(chunk_size, weight.shape[0], hidden.device)
+        for c0 in range(0, n_rows, chunk_size):
+            h = _pad_rows(hidden[c0:c0 + chunk_size], chunk_size)  # [C, H]
             torch.mm(h, weight.T, out=z)  # recompute the chunk's logits
-            # zero-padded upstream gradient makes the padding rows' dz exactly 0
-            grad_fn(z, _padded_chunk(targets, start, chunk_size), _padded_chunk(lse, start, chunk_size),
-                    _padded_chunk(grad_logprobs, start, chunk_size), 1.0 / ctx.temperature)
+            for r in range(0, chunk_size, block):
+                a, b = c0 + r, c0 + r + block
+                grad_fn(z[r:r + block], targets[a:b], lse[a:b], grad_logprobs[a:b], 1.0 / ctx.temperature)
             if need_dh:
-                grad_h[start:start + n_real] = (z @ weight)[:n_real]
+                n_real = min(chunk_size, n_tokens - c0)
+                grad_h[c0:c0 + n_real] = (z @ weight)[:n_real]
             if need_dw:
                 _accumulate_weight_grad(grad_w, z, h)
         if need_dw:

@@ -59,38 +59,51 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 class HFEngine:
-    """Sampling with transformers' generate on the (possibly sharded) training model."""
+    """Sampling with transformers' generate.
+
+    One process / DDP: generates with the training model itself (no copy, nothing to sync). FSDP2: keeps a
+    plain, unsharded copy that `sync_weights` fills one gathered parameter at a time, as for vLLM. (Sampling
+    with the sharded model needs `synced_gpus`, one all-gather per layer per token, and ranks that disagree
+    on the number of decode steps hang: seen with transformers 5.19's deferred stop checks.)
+    """
 
     name = "hf"
 
     def __init__(self, model, tokenizer, info: DistInfo, *, batch_size: int = 256):
-        self.model, self.tokenizer, self.info, self.batch_size = model, tokenizer, info, batch_size
+        self.tokenizer, self.info, self.batch_size = tokenizer, info, batch_size
         self.stop_ids = stop_token_ids(tokenizer)
         self.dp_rank, self.dp_size, self.tp_rank = info.rank, info.world_size, 0
+        self.lm = None
+        self.sync_weights(model)
+
+    def sync_weights(self, model):
+        lm = unwrap(model)
+        if not any(hasattr(p, "full_tensor") for p in lm.parameters()):
+            self.lm = lm                                   # not sharded: sample from the training weights
+            return
+        if self.lm is None or self.lm is lm:
+            import copy
+            from transformers import AutoModelForCausalLM
+            self.lm = AutoModelForCausalLM.from_config(copy.deepcopy(lm.config), dtype=torch.float32).to(self.info.device)
+            self.lm.generation_config = lm.generation_config
+            self.lm.eval().requires_grad_(False)
+        params = dict(self.lm.named_parameters())
+        with torch.no_grad():
+            for name, t in full_params(model):
+                params[name].copy_(t)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, n: int, temperature: float, top_p: float = 1.0,
                  max_tokens: int, seed: int) -> list[list[Sample]]:
-        from common.dist import LMWithHead, all_reduce
-        root = self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
-        if not isinstance(root, LMWithHead):
-            root = LMWithHead(root)
-        lm = root.lm
-        fsdp = hasattr(lm.lm_head.weight, "full_tensor")
+        lm, tok = self.lm, self.tokenizer
         was_training = lm.training
         lm.eval()
-        tok = self.tokenizer
         prompt_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
         flat = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(n)]
         out: list[list[Sample]] = [[] for _ in prompts]
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        # Under FSDP2 every rank must run the same number of forwards (each one all-gathers), so ranks
-        # agree on the number of batches and generate keeps stepping until all ranks are done (synced_gpus).
-        n_batches = -(-len(flat) // self.batch_size)
-        if fsdp:
-            n_batches = int(all_reduce(n_batches, "max").item())
-        for b in range(n_batches):
-            chunk = flat[b * self.batch_size:(b + 1) * self.batch_size] or flat[:1] or [(0, [tok.pad_token_id])]
+        for b in range(0, len(flat), self.batch_size):
+            chunk = flat[b:b + self.batch_size]
             width = max(len(ids) for _, ids in chunk)
             input_ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
             attn = torch.zeros_like(input_ids)
@@ -98,12 +111,10 @@ class HFEngine:
                 input_ids[r, width - len(ids):] = torch.tensor(ids)
                 attn[r, width - len(ids):] = 1
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-            res = root.generate(input_ids=input_ids.to(self.info.device), attention_mask=attn.to(self.info.device),
+            res = lm.generate(input_ids=input_ids.to(self.info.device), attention_mask=attn.to(self.info.device),
                               do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                               max_new_tokens=max_tokens, eos_token_id=self.stop_ids, pad_token_id=tok.pad_token_id,
-                              output_scores=True, return_dict_in_generate=True, synced_gpus=fsdp, use_cache=True)
-            if b * self.batch_size >= len(flat):
-                continue                                        # a padding batch that kept FSDP ranks in step
+                              output_scores=True, return_dict_in_generate=True, use_cache=True)
             seqs = res.sequences[:, width:].cpu()
             # scores are the processed logits (after temperature / top-p): log_softmax gives the sampled law
             logps = torch.stack([torch.log_softmax(s.float(), -1) for s in res.scores], 1).cpu()
@@ -118,9 +129,6 @@ class HFEngine:
                 out[i].append(Sample(ids, resp, lps, reason, tok.decode(resp, skip_special_tokens=True)))
         lm.train(was_training)
         return out
-
-    def sync_weights(self, model):
-        self.model = model                                      # generates with the training weights directly
 
     def sleep(self):
         pass

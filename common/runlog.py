@@ -2,7 +2,7 @@
 
     run_dir = make_run_dir(args.out_root, "rl_dapo", vars(args), rank=info.rank)
     logger = MetricsLogger(run_dir, enabled=info.is_main, wandb_project=args.wandb_project)
-    if resumed: logger.truncate_after(start_step)    # drop the lines the crashed run logged past its checkpoint
+    if resumed: logger.truncate_after(state["step"])   # drop what the crashed run logged past its checkpoint
     logger.log(step, {"charts/reward_mean": r, "losses/policy_loss": loss})
     logger.close()
 
@@ -284,14 +284,15 @@ class MetricsLogger:
                 self.tb.add_scalar(k, v, int(step))
 
     def truncate_after(self, step: int) -> int:
-        """Keep only the lines with a step < `step` (pass the first step the resumed run will log): the
-        crashed run may have logged steps past its last checkpoint, which the resumed run logs again.
+        """Drop the lines with a step > `step`, the step of the checkpoint being resumed (state["step"]):
+        the crashed run logged steps past its last checkpoint, and the resumed run logs them again.
+        (Lines are logged before the checkpoint of their step is saved, so that step's line stays.)
         Rewrites the file atomically; returns the number of lines dropped."""
         if not self.enabled or not os.path.exists(self.path):
             return 0
         self.file.close()
         rows = _parse_lines(self.path)
-        keep = [r for r in rows if r["step"] < step]
+        keep = [r for r in rows if r["step"] <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)

@@ -77,7 +77,8 @@ def full_state(model, opt):
     """Gathered weights and optimizer state on every rank, names without the wrapper's "lm." prefix."""
     opts = StateDictOptions(full_state_dict=True)
     strip = lambda d: {k.removeprefix("lm."): v for k, v in d.items()}  # noqa: E731
-    return strip(get_model_state_dict(model, options=opts)), strip(get_optimizer_state_dict(model, opt, options=opts)["state"])
+    optim = get_optimizer_state_dict(model, opt, options=opts)["state"]
+    return strip(get_model_state_dict(model, options=opts)), strip(optim)
 
 
 def same_shards(model, opt, fresh, fresh_opt):
@@ -135,7 +136,8 @@ def main():
                 with safe_open(os.path.join(ckpt, "model.safetensors"), "pt") as f:
                     keys = set(f.keys())
                 checks["tied_written_once"] = "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
-                checks["two_rng_files"] = {f"rng_rank{r}.pt" for r in (0, 1)} <= set(os.listdir(os.path.join(ckpt, "resume")))
+                resume_files = set(os.listdir(os.path.join(ckpt, "resume")))
+                checks["two_rng_files"] = {"rng_rank0.pt", "rng_rank1.pt"} <= resume_files
 
     # An FSDP2 checkpoint resumed under DDP: same full weights and optimizer state.
     ckpt, (want_params, want_optim) = trained["fsdp"]
