@@ -303,6 +303,7 @@ def main(argv=None):
     save_hf(final, student, tokenizer)
     print0(f"[reheat_tsopsd] done: reheated policy in {final}")
     logger.close()
+    engine.close()
     cleanup_distributed()
     return run_dir
 

@@ -460,6 +460,7 @@ def main(argv=None):
     save_hf(final, model, tokenizer)
     print0(f"[rl_dapo] done: final policy in {final}")
     logger.close()
+    engine.close()
     cleanup_distributed()
     return run_dir
 

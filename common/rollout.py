@@ -133,6 +133,9 @@ class HFEngine:
     def sleep(self):
         pass
 
+    def close(self):
+        self.lm = None
+
 
 class VLLMEngine:
     """vLLM in this process; see the module docstring."""
@@ -208,6 +211,13 @@ class VLLMEngine:
     def _wake(self):
         self.llm.wake_up()
         self.asleep = False
+
+    def close(self):
+        """Tear vLLM's parallel groups down while the process group they live in still exists (at exit they
+        would be destroyed after ours: 'Invalid process group specified')."""
+        from vllm.distributed.parallel_state import destroy_model_parallel
+        del self.llm
+        destroy_model_parallel()
 
     def sleep(self):
         """Free vLLM's GPU memory (weights and KV cache) while the trainer runs; sync_weights wakes it."""
