@@ -230,10 +230,12 @@ def main(argv=None):
         # ---- 1: on-policy rollouts at T=1
         t0 = time.time()
         batch = cycle_problems(problems, args.seed, cursor, args.prompts_per_step)[engine.dp_rank::engine.dp_size]
+        seeds = [derive_seed(args.seed, pos, 0, 1) for pos in range(cursor, cursor + args.prompts_per_step)]
+        seeds = seeds[engine.dp_rank::engine.dp_size]
         cursor += args.prompts_per_step
         groups = engine.generate([render_prompt(p, tokenizer, args.prompt_style) for p in batch], n=args.group_size,
                                  temperature=1.0, top_p=1.0, max_tokens=args.max_response_len,
-                                 seed=derive_seed(args.seed, engine.dp_rank, step, 100))
+                                 seeds=seeds)
         engine.sleep()
         m["time/rollout"] = time.time() - t0
         t0 = time.time()

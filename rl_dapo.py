@@ -200,6 +200,9 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- setup
     info = init_distributed(args.device)
+    if args.ppo_mini_batch % info.world_size or args.prompts_per_step % info.world_size:
+        raise SystemExit(f"--ppo-mini-batch ({args.ppo_mini_batch}) and --prompts-per-step ({args.prompts_per_step}) "
+                         f"must be multiples of the number of processes ({info.world_size})")
     seed_everything(derive_seed(args.seed, info.rank))
     torch.set_float32_matmul_precision("high")
     model_path = resolve_model_path(args.model)
@@ -245,8 +248,10 @@ def main(argv=None):
            f"train={len(train_problems)} val={len(val_problems)} problems")
 
     def draw_prompts(cursor: int, count: int):
-        """This engine replica's share of the next `count` problems (common/data.py: cycle_problems)."""
-        return cycle_problems(train_problems, args.seed, cursor, count)[engine.dp_rank::engine.dp_size]
+        """This engine replica's share of the next `count` problems (common/data.py: cycle_problems), with
+        their global stream positions (which name them: sampling seeds and the batch order derive from them)."""
+        positions = list(range(cursor, cursor + count))[engine.dp_rank::engine.dp_size]
+        return cycle_problems(train_problems, args.seed, cursor, count)[engine.dp_rank::engine.dp_size], positions
 
     def grade_groups(problems, groups):
         """Correctness (0/1) per sample, flattened in group order."""
@@ -284,9 +289,10 @@ def main(argv=None):
         if not val_problems:
             return {}
         mine = val_problems[engine.dp_rank::engine.dp_size]
+        seeds = [derive_seed(args.seed, i, step, 2) for i in range(len(val_problems))][engine.dp_rank::engine.dp_size]
         groups = engine.generate([render_prompt(p, tokenizer, args.prompt_style) for p in mine], n=args.val_n,
                                  temperature=args.val_temperature, top_p=1.0, max_tokens=args.max_response_len,
-                                 seed=derive_seed(args.seed, engine.dp_rank, step, 2)) if mine else []
+                                 seeds=seeds) if mine else []
         correct = grade_groups(mine, groups) if mine else []
         lengths = [len(s.response_ids) for g in groups for s in g]
         own = engine.tp_rank == 0
@@ -308,18 +314,18 @@ def main(argv=None):
         kept, t_gen, t_grade, gen_tokens = [], 0.0, 0.0, 0
         all_acc, all_len, all_trunc, distinct, groups_seen, gen_batches = [], [], [], [], 0, 0
         while True:
-            problems = draw_prompts(cursor, args.gen_batch_prompts)
+            problems, positions = draw_prompts(cursor, args.gen_batch_prompts)
             cursor += args.gen_batch_prompts
             t0 = time.time()
             groups = engine.generate([render_prompt(p, tokenizer, args.prompt_style) for p in problems], n=args.group_size,
                                      temperature=T, top_p=args.top_p, max_tokens=L,
-                                     seed=derive_seed(args.seed, engine.dp_rank, step, 100 + gen_batches))
+                                     seeds=[derive_seed(args.seed, pos, 0, 1) for pos in positions])
             t_gen += time.time() - t0
             t0 = time.time()
             correct = grade_groups(problems, groups)
             t_grade += time.time() - t0
             gen_batches += 1
-            for gi, (p, g) in enumerate(zip(problems, groups)):
+            for gi, (p, g, pos) in enumerate(zip(problems, groups, positions)):
                 acc = correct[gi * args.group_size:(gi + 1) * args.group_size]
                 lengths = [len(s.response_ids) for s in g]
                 gen_tokens += sum(lengths)
@@ -331,17 +337,26 @@ def main(argv=None):
                 if keep_group(acc):
                     scores = [(1.0 if a > 0 else -1.0) + overlong_penalty(n_tok, L, B, args.overlong_factor)
                               for a, n_tok in zip(acc, lengths)]
-                    kept.append({"samples": [(s.prompt_ids, s.response_ids, s.logprobs) for s in g], "scores": scores})
+                    kept.append({"samples": [(s.prompt_ids, s.response_ids, s.logprobs) for s in g], "scores": scores,
+                                 "position": pos})
             n_kept = all_reduce(len(kept) if engine.tp_rank == 0 else 0).item()
             if n_kept >= args.prompts_per_step or gen_batches >= args.max_gen_batches:
                 break
         engine.sleep()
 
-        # balance: every training rank gets the same number of groups (FSDP needs equal forward counts)
-        pool = [g for part in all_gather_objects(kept if engine.tp_rank == 0 else []) for g in part]
+        # The batch: the first prompts_per_step kept groups in stream order, whichever rank sampled them. Each
+        # global mini-batch of ppo_mini_batch groups is split evenly over the training ranks, so the ranks run
+        # the same number of forwards (FSDP collectives) and the updates do not depend on the world size.
+        pool = sorted((g for part in all_gather_objects(kept if engine.tp_rank == 0 else []) for g in part),
+                      key=lambda g: g["position"])
         n_use = min(len(pool), args.prompts_per_step)
         n_use -= n_use % info.world_size
-        mine = pool[info.rank * (n_use // info.world_size):(info.rank + 1) * (n_use // info.world_size)]
+        mine, mini_sizes = [], []                     # this rank's groups, and how many fall in each mini-batch
+        for start in range(0, n_use, args.ppo_mini_batch):
+            chunk = pool[start:min(start + args.ppo_mini_batch, n_use)]
+            k = len(chunk) // info.world_size
+            mine += chunk[info.rank * k:(info.rank + 1) * k]
+            mini_sizes.append(k)
         own = engine.tp_rank == 0
         tot = all_reduce([sum(all_acc) * own, len(all_acc) * own, sum(all_len) * own, sum(all_trunc) * own,
                           sum(distinct) * own, groups_seen * own, gen_tokens * own])
@@ -370,9 +385,8 @@ def main(argv=None):
                     seqs.append((p_ids, r_ids))
                     advs.append(a)
                     sampler_lp.append(lps)
-            mini_groups = max(1, args.ppo_mini_batch // info.world_size)
-            n_mini = -(-len(mine) // mini_groups)
-            n_seq_mini = mini_groups * args.group_size
+            n_mini = len(mini_sizes)
+            seq_bounds = [0] + [sum(mini_sizes[:i + 1]) * args.group_size for i in range(n_mini)]
             stats = {k: 0.0 for k in ("loss", "clip_hi", "clip_lo", "dual", "kl", "tokens", "ent", "ent1", "lp_diff_sum")}
             lp_diff_max, grad_norms, skipped = 0.0, [], 0
 
@@ -386,7 +400,7 @@ def main(argv=None):
             offsets = torch.tensor([0] + [len(r) for _, r in seqs]).cumsum(0)
 
             for mb in range(n_mini):
-                s0, s1 = mb * n_seq_mini, min((mb + 1) * n_seq_mini, len(seqs))
+                s0, s1 = seq_bounds[mb], seq_bounds[mb + 1]
                 mb_tokens = all_reduce(sum(len(r) for _, r in seqs[s0:s1])).item()
                 optimizer.zero_grad(set_to_none=True)
                 for i in range(s0, s1, args.micro_batch_size):
@@ -427,7 +441,7 @@ def main(argv=None):
                 grad_norms.append(gn.item())
             tot = all_reduce([stats[k] for k in ("loss", "clip_hi", "clip_lo", "dual", "kl", "tokens", "ent", "ent1", "lp_diff_sum")])
             ntok = max(tot[5].item(), 1)
-            first_mb_tokens = all_reduce(sum(len(r) for _, r in seqs[:n_seq_mini])).item()
+            first_mb_tokens = all_reduce(sum(len(r) for _, r in seqs[:seq_bounds[1]])).item()
             m |= {"train/pg_loss": tot[0].item() / ntok, "train/clip_frac_upper": tot[1].item() / ntok,
                   "train/clip_frac_lower": tot[2].item() / ntok, "train/clip_frac_dual": tot[3].item() / ntok,
                   "train/approx_kl": tot[4].item() / ntok, "train/entropy": tot[6].item() / ntok,

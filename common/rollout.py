@@ -12,7 +12,7 @@ Two engines behind one interface (`make_engine(kind, ...)`, kind = auto | vllm |
   for machines without vLLM and for very small models, where it is faster on CPU.
 
 Both stop on every id in `stop_token_ids` (Qwen3-Base ends with <|endoftext|>, chat turns with <|im_end|>;
-both must stop a rollout), keep the stop token in `response_ids` (the policy must learn to stop), and
+both must stop a rollout), take one seed per prompt, keep the stop token in `response_ids` (the policy must learn to stop), and
 report log-probs of the sampled tokens as log softmax(logits / T): the distribution actually sampled from.
 """
 import dataclasses
@@ -94,14 +94,13 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, n: int, temperature: float, top_p: float = 1.0,
-                 max_tokens: int, seed: int) -> list[list[Sample]]:
+                 max_tokens: int, seeds: list[int]) -> list[list[Sample]]:
         lm, tok = self.lm, self.tokenizer
         was_training = lm.training
         lm.eval()
         prompt_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
         flat = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(n)]
         out: list[list[Sample]] = [[] for _ in prompts]
-        gen = torch.Generator(device="cpu").manual_seed(seed)
         for b in range(0, len(flat), self.batch_size):
             chunk = flat[b:b + self.batch_size]
             width = max(len(ids) for _, ids in chunk)
@@ -110,7 +109,7 @@ class HFEngine:
             for r, (_, ids) in enumerate(chunk):             # left padding: generation continues on the right
                 input_ids[r, width - len(ids):] = torch.tensor(ids)
                 attn[r, width - len(ids):] = 1
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+            torch.manual_seed(seeds[chunk[0][0]])          # one RNG stream per batch, from its first prompt
             res = lm.generate(input_ids=input_ids.to(self.info.device), attention_mask=attn.to(self.info.device),
                               do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                               max_new_tokens=max_tokens, eos_token_id=self.stop_ids, pad_token_id=tok.pad_token_id,
@@ -173,16 +172,17 @@ class VLLMEngine:
         self.dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
 
     def generate(self, prompts: list[str], *, n: int, temperature: float, top_p: float = 1.0,
-                 max_tokens: int, seed: int) -> list[list[Sample]]:
+                 max_tokens: int, seeds: list[int]) -> list[list[Sample]]:
         from vllm import SamplingParams
         if self.asleep:
             self._wake()
         tok = self.tokenizer
         prompt_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
-        # one seed per request: the same (seed, step, rank) reproduces the same samples after a resume
+        # one seed per request: a prompt's samples do not depend on which rank drew it or what else is in
+        # the batch, so a resume, or the same run on another number of GPUs, samples the same responses
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
-                                 stop_token_ids=self.stop_ids, skip_special_tokens=True, seed=seed + i)
-                  for i in range(len(prompts))]
+                                 stop_token_ids=self.stop_ids, skip_special_tokens=True, seed=sd % 2**63)
+                  for sd in seeds]
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         result = []
         for ids, o in zip(prompt_ids, outs):

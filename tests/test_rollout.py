@@ -38,13 +38,13 @@ def test_hf_engine_logprobs_match_trainer(tiny, temperature):
     tok = AutoTokenizer.from_pretrained(tiny["model"])
     lm = AutoModelForCausalLM.from_pretrained(tiny["model"])
     engine = HFEngine(shard_model(lm, DistInfo(), "none"), tok, DistInfo(), batch_size=5)
-    groups = engine.generate(PROMPTS, n=3, temperature=temperature, max_tokens=16, seed=1)
+    groups = engine.generate(PROMPTS, n=3, temperature=temperature, max_tokens=16, seeds=[1, 2])
     check_samples(groups, tok, 3, 16)
     for g in groups:
         for s in g:
             torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64),
                                        trainer_logprobs(lm, s, temperature), atol=1e-4, rtol=0)
-    again = engine.generate(PROMPTS, n=3, temperature=temperature, max_tokens=16, seed=1)
+    again = engine.generate(PROMPTS, n=3, temperature=temperature, max_tokens=16, seeds=[1, 2])
     assert [[s.response_ids for s in g] for g in again] == [[s.response_ids for s in g] for g in groups]
 
 
@@ -61,7 +61,7 @@ def test_vllm_engine_sync_weights_matches_trainer(which, request):
     model = shard_model(lm, DistInfo(), "none")
     engine = VLLMEngine(paths["model"], tok, DistInfo(), max_model_len=256, kv_cache_gib=0.0625)
     for round_ in range(2):
-        groups = engine.generate(PROMPTS, n=2, temperature=1.3, max_tokens=12, seed=round_)
+        groups = engine.generate(PROMPTS, n=2, temperature=1.3, max_tokens=12, seeds=[round_, 7])
         check_samples(groups, tok, 2, 12)
         for g in groups:
             for s in g:
