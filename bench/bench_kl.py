@@ -33,8 +33,20 @@ this shape in the same run and turns it into the floor 8*N*H*V flops / rate (fou
 student and teacher logits, d hidden, d weight) that no chunked loss can beat.
 
 Results on the CPU this was developed on (2 cores of a Xeon with AVX-512, 2 threads, fp32, chunk 256,
-JSD beta 0.5, tau 1.5, other jobs sharing the machine, so times carry ~10% noise; see the JSON for the run):
-RESULTS_TABLE
+JSD beta 0.5, tau 1.5; other jobs shared the machine, so single steps varied by up to ~30%: see times_s
+in the JSON):
+    | shape NxHxV | variant | first call s | fwd+bwd s | time / liger | peak MB | mem / liger | loss |
+    |---|---|---|---|---|---|---|---|
+    | 4096x256x32768 | naive | 9.3 | 8.62 | 2.06 | 6144 | 31.32 | 0.088571 |
+    | 4096x256x32768 | eager | 5.0 | 3.87 | 0.92 | 189 | 0.96 | 0.088571 |
+    | 4096x256x32768 | compiled | 20.6 | 2.20 | 0.52 | 117 | 0.60 | 0.088571 |
+    | 4096x256x32768 | liger | 33.8 | 4.19 | 1.00 | 196 | 1.00 | 0.088571 |
+    | 2048x256x151936 | naive | skipped: needs ~15 GB > --naive-max-gb | | | | | |
+    | 2048x256x151936 | eager | 10.7 | 11.26 | 0.64 | 498 | 0.48 | 0.088928 |
+    | 2048x256x151936 | compiled | 23.2 | 4.38 | 0.25 | 457 | 0.44 | 0.088928 |
+    | 2048x256x151936 | liger | 43.7 | 17.49 | 1.00 | 1040 | 1.00 | 0.088928 |
+    (reverse_kl, compiled, same settings: 1.73 s / 109 MB and 3.88 s / 453 MB; liger has no reverse KL.)
+    Peak MB excludes the inputs; ours is ~ the fp32 d weight [V, H] plus two [chunk, V] logit buffers.
 
 Why ours is faster than Liger on CPU: the gradient w.r.t. the logits is written in closed form
 (p_s * (g - <g>_p_s) through the softmax Jacobian) instead of autograd through log_softmax/logsumexp/kl_div,

@@ -219,6 +219,34 @@ def sft(model_dir: str, train_path: str, *, steps: int = 600, batch_size: int = 
     model.save_pretrained(model_dir)
 
 
+def probe(model_dir: str, data_path: str, *, problems: int = 64, n: int = 8, max_tokens: int = 64, seed: int = 0) -> dict:
+    """Is RL on this model worthwhile? Accuracy at T=1 and greedy-ish (T=0.01), and the fraction of groups of n
+    samples that are mixed (neither all right nor all wrong: only those carry a DAPO gradient)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from common.data import load_problems, render_prompt
+    from common.dist import DistInfo
+    from common.grading import grade_batch
+    from common.rollout import HFEngine
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    engine = HFEngine(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tok, DistInfo())
+    probs = load_problems(data_path, limit=problems)
+    prompts = [render_prompt(p, None, "plain") for p in probs]
+    out = {}
+    for name, temp, k in (("t1", 1.0, n), ("greedy", 0.01, 1)):
+        groups = engine.generate(prompts, n=k, temperature=temp, max_tokens=max_tokens,
+                                 seeds=[seed * 100_003 + i for i in range(len(prompts))])
+        correct = grade_batch([s.text for g in groups for s in g], [p.answer for p, g in zip(probs, groups) for _ in g],
+                              num_workers=0)
+        out[f"accuracy_{name}"] = sum(correct) / len(correct)
+        if k > 1:
+            per = [correct[i * k:(i + 1) * k] for i in range(len(groups))]
+            out["mixed_groups"] = sum(0 < sum(c) < k for c in per) / len(per)
+            out["mean_logprob_per_token"] = (sum(sum(s.logprobs) for g in groups for s in g)
+                                             / sum(len(s.logprobs) for g in groups for s in g))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", help="directory to write model/ and data/ into")
@@ -237,6 +265,7 @@ def main(argv=None):
     if args.sft_steps:
         sft(paths["model"], paths["train"], steps=args.sft_steps, batch_size=args.sft_batch, lr=args.sft_lr,
             slip=args.sft_slip, seed=args.seed)
+        print("[tiny] probe on the held-out split:", json.dumps(probe(paths["model"], paths["test"], seed=args.seed)))
     print(json.dumps(paths, indent=1))
 
 

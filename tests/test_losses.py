@@ -3,7 +3,6 @@
 Fast tier: eager runs on small shapes, plus a handful of compiled runs (each compile costs a few seconds
 on CPU), so the whole file stays well under a minute with OMP_NUM_THREADS=1.
 """
-import math
 
 import pytest
 import torch
