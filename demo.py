@@ -189,7 +189,7 @@ def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, seconds):
         return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
     k = args.eval_k
-    lines = [f"# TS-OPSD demo: results", "",
+    lines = ["# TS-OPSD demo: results", "",
              f"Command: `python demo.py {' '.join(sys.argv[1:])}`; seeds: {args.seeds}; engine: {args.engine}; "
              f"wall time {seconds / 60:.1f} min on {os.cpu_count()} CPU cores.", "",
              f"Held-out: {args.eval_problems} problems, k={k} samples each at T=1. Entropy: mean token entropy at T=1 "

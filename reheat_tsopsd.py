@@ -34,7 +34,6 @@ reheat/divergence, reheat/top1_agree, rollout/accuracy, rollout/distinct_answers
 train/grad_norm, train/lr, time/*.
 """
 import dataclasses
-import json
 import os
 import time
 
@@ -42,8 +41,8 @@ import torch
 from tqdm import tqdm
 
 from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
-from common.cli import arg, parse_args
-from common.data import PROMPT_STYLES, cycle_problems, load_problems, render_prompt
+from common.cli import arg, parse_args, with_resumed_config
+from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
 from common.dist import (all_reduce, cleanup_distributed, derive_seed, full_params, init_distributed, print0,
                          resolve_model_path, seed_everything, shard_model, unwrap)
 from common.grading import extract_answer, grade_batch
@@ -142,25 +141,22 @@ def main(argv=None):
     check_args(args)
     if args.closed_form:
         return closed_form_reheat(resolve_model_path(args.ckpt), args.tau, args.out)
-    if args.resume:
-        resume_dir = args.resume
-        saved = json.load(open(os.path.join(resume_dir, "config.json")))
-        for k, v in saved.items():
-            if k in Args.__dataclass_fields__ and k != "resume" and getattr(args, k) == Args.__dataclass_fields__[k].default:
-                setattr(args, k, v)
-        args.resume = resume_dir
+    args = with_resumed_config(args)
 
     # ------------------------------------------------------------------------- setup
     info = init_distributed(args.device)
     seed_everything(derive_seed(args.seed, info.rank))
     ckpt = resolve_model_path(args.ckpt)
+    try:                                                # before the run directory: a typo leaves no empty run
+        problems = load_problems(args.data)
+    except DataError as e:
+        raise SystemExit(f"[reheat_tsopsd] {e}")
     config = dataclasses.asdict(args) | {"ckpt_path": ckpt, "world_size": info.world_size}
     if args.resume:                                     # same directory; a changed config is written beside
         config["run_name"] = os.path.basename(os.path.normpath(args.resume))
     run_dir = make_run_dir(os.path.dirname(os.path.normpath(args.resume)) if args.resume else args.out, "reheat_tsopsd",
                            config, rank=info.rank)
     print0(f"[reheat_tsopsd] run directory: {run_dir}")
-    problems = load_problems(args.data)
 
     # ------------------------------------------------------------------------- models: student and teacher
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -219,7 +215,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------- loop
     pbar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not info.is_main,
                 desc="reheat", dynamic_ncols=True)
-    step = start_step
+    step = start_step - 1                               # resuming a finished run: nothing to do, save as is
     for step in pbar:
         t_step = time.time()
         lr_now = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))

@@ -27,8 +27,6 @@ training forward's own (detached: the ratio is exactly 1, one forward saved), ot
 Logged metrics (metrics.jsonl in the run directory; documented in README.md#metrics).
 """
 import dataclasses
-import json
-import math
 import os
 import time
 
@@ -36,9 +34,9 @@ import torch
 from tqdm import tqdm
 
 from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
-from common.cli import arg, parse_args
-from common.data import PROMPT_STYLES, cycle_problems, load_problems, render_prompt
-from common.dist import (all_gather_objects, all_reduce, barrier, cleanup_distributed, derive_seed, init_distributed,
+from common.cli import arg, parse_args, with_resumed_config
+from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
+from common.dist import (all_gather_objects, all_reduce, cleanup_distributed, derive_seed, init_distributed,
                          print0, resolve_model_path, seed_everything, shard_model)
 from common.grading import extract_answer, grade_batch
 from common.losses import chunked_logprob_entropy, entropy_from_hidden
@@ -190,13 +188,7 @@ def dapo_token_loss(logp, old_logp, adv, eps_low, eps_high, dual_clip, tis_weigh
 def main(argv=None):
     args = parse_args(Args, argv, description=__doc__)
     check_args(args)
-    resume_dir = args.resume
-    if resume_dir:                                      # the run's own config wins, except the flags given now
-        saved = json.load(open(os.path.join(resume_dir, "config.json")))
-        for k, v in saved.items():
-            if k in Args.__dataclass_fields__ and k != "resume" and getattr(args, k) == Args.__dataclass_fields__[k].default:
-                setattr(args, k, v)
-        args.resume = resume_dir
+    args = with_resumed_config(args)
 
     # ------------------------------------------------------------------------- setup
     info = init_distributed(args.device)
@@ -206,6 +198,11 @@ def main(argv=None):
     seed_everything(derive_seed(args.seed, info.rank))
     torch.set_float32_matmul_precision("high")
     model_path = resolve_model_path(args.model)
+    try:                                                # before the run directory: a typo leaves no empty run
+        train_problems = load_problems(args.data)
+        val_problems = load_problems(args.val_data, limit=args.val_max_problems or None) if args.val_data else []
+    except DataError as e:
+        raise SystemExit(f"[rl_dapo] {e}")
     config = dataclasses.asdict(args) | {"model_path": model_path, "world_size": info.world_size}
     if args.resume:                                     # same directory; a changed config is written beside
         config["run_name"] = os.path.basename(os.path.normpath(args.resume))
@@ -213,8 +210,6 @@ def main(argv=None):
                            config, rank=info.rank)
     print0(f"[rl_dapo] run directory: {run_dir}")
 
-    train_problems = load_problems(args.data)
-    val_problems = load_problems(args.val_data, limit=args.val_max_problems or None) if args.val_data else []
     if len(train_problems) < args.gen_batch_prompts:
         print0(f"[rl_dapo] note: {len(train_problems)} training problems < --gen-batch-prompts {args.gen_batch_prompts}: "
                f"each generation batch wraps around the data set")

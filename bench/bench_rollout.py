@@ -26,7 +26,7 @@ def worker(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from common.data import load_problems, render_prompt
-    from common.dist import DistInfo, init_distributed, shard_model
+    from common.dist import init_distributed, shard_model
     from common.rollout import make_engine
     info = init_distributed(args.device)
     tok = AutoTokenizer.from_pretrained(args.model)

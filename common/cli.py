@@ -59,3 +59,23 @@ def parse_args(cls, argv=None, description: str | None = None):
                            help=f"{text} (default: {default})")
     ns = parser.parse_args(argv)
     return cls(**vars(ns))
+
+
+def with_resumed_config(args):
+    """With `args.resume` (a run directory): the run's saved config, except the flags given differently now
+    (e.g. a larger --steps to extend a finished run). A flag given with its default value cannot be told
+    from an absent one, so it reads as absent."""
+    import json
+    import os
+    if not getattr(args, "resume", ""):
+        return args
+    path = os.path.join(args.resume, "config.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"--resume {args.resume}: no config.json there; is it a run directory?")
+    saved = json.load(open(path))
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(args)}
+    for name, value in saved.items():
+        if name in defaults and name != "resume" and getattr(args, name) == defaults[name]:
+            setattr(args, name, value)
+    return args

@@ -134,7 +134,10 @@ class LMWithHead(nn.Module):
     def forward(self, input_ids, attention_mask=None, head=None):
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
             hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return head(hidden, self.lm.lm_head.weight)
+        weight = self.lm.lm_head.weight
+        if self.autocast_bf16:        # the chunked heads take one dtype for both (their math is fp32 inside)
+            hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+        return head(hidden, weight)
 
 
 def shard_model(lm: nn.Module, info: DistInfo, mode: str = "fsdp", *, bf16: bool | None = None,

@@ -137,9 +137,9 @@ def build_model(tokenizer, *, tied: bool = True, seed: int = 0, hidden_size: int
 
 
 def write_fixture(out_dir: str, *, seed: int = 0, tied: bool = True, n_train: int = 2000, n_test: int = 200,
-                  vocab_size: int = 384) -> dict:
+                  vocab_size: int = 384, max_operand: int = 99) -> dict:
     """Write model/ and data/ under out_dir; returns their paths."""
-    train, test = make_splits(n_train, n_test, seed=seed)
+    train, test = make_splits(n_train, n_test, seed=seed, max_operand=max_operand)
     train_rows = [to_dapo_row(p, i, "train") for i, p in enumerate(train)]
     test_rows = [to_dapo_row(p, i, "test") for i, p in enumerate(test)]
     data_dir, model_dir = os.path.join(out_dir, "data"), os.path.join(out_dir, "model")
@@ -255,13 +255,14 @@ def main(argv=None):
     ap.add_argument("--n-train", type=int, default=2000, help="training problems")
     ap.add_argument("--n-test", type=int, default=200, help="held-out problems (disjoint from train)")
     ap.add_argument("--vocab-size", type=int, default=384, help="BPE vocabulary size incl. 256 bytes + specials")
+    ap.add_argument("--max-operand", type=int, default=99, help="operands are drawn from 1..this")
     ap.add_argument("--sft-steps", type=int, default=0, help="then supervise on noisy worked solutions for this many steps")
     ap.add_argument("--sft-lr", type=float, default=2e-3, help="peak learning rate of the supervision (cosine)")
     ap.add_argument("--sft-batch", type=int, default=64, help="sequences per supervision step")
     ap.add_argument("--sft-slip", type=float, default=0.3, help="chance of an arithmetic slip per solution line")
     args = ap.parse_args(argv)
     paths = write_fixture(args.out_dir, seed=args.seed, tied=not args.untied, n_train=args.n_train,
-                          n_test=args.n_test, vocab_size=args.vocab_size)
+                          n_test=args.n_test, vocab_size=args.vocab_size, max_operand=args.max_operand)
     if args.sft_steps:
         sft(paths["model"], paths["train"], steps=args.sft_steps, batch_size=args.sft_batch, lr=args.sft_lr,
             slip=args.sft_slip, seed=args.seed)
