@@ -13,11 +13,12 @@ Any combination of four jobs in one call, all writing into `--out` (results.md i
    95% t-interval over seeds (stats.mean_ci); between every two arms a paired bootstrap over problems of the
    per-problem accuracy averaged over the arm's seeds (stats.paired_bootstrap): the review asks for both.
 3. Comparison (`--compare BASE OTHER`, e.g. collapsed vs reheated). Diversity: both models sample
-   `--compare-n` responses to the same `--compare-problems` prompts. Then BASE's samples (whole responses in a
-   seeded random order, up to `--analysis-tokens` response tokens) are scored by BOTH models with the HF forward;
-   logits are made from the final hidden states a row chunk at a time (LogitsFromHidden), so [tokens x vocab]
-   never exists at once. On those tokens: entropy and sharpness of each model, the effective temperature tau*,
-   top-k overlap, per-layer hidden-state cosine and linear CKA, and the per-layer parameter displacement.
+   `--compare-n` responses to the same `--compare-problems` prompts. Then BASE's first sample of every prompt is
+   scored by BOTH models with the HF forward, at `--analysis-tokens` response positions drawn uniformly (seeded)
+   from all of them; logits are made from the final hidden states a row chunk at a time (LogitsFromHidden), so
+   [tokens x vocab] never exists at once. On those positions: entropy and sharpness of each model, the effective
+   temperature tau*, top-k overlap, per-layer hidden-state cosine and linear CKA; and, from the weights, the
+   per-layer parameter displacement.
    `--displacement BASE LOW HIGH`: is a low-temperature distillation (tau < 1) the reverse of the reheat (tau > 1)?
    The paper reports, on Qwen3-8B, a cosine of -0.878 "between Delta_low and -Delta_high" and a reverse projection
    coefficient of +0.891; those two signs cannot both hold for one pair of vectors (see common/stats.py:
@@ -28,7 +29,8 @@ Sampling defaults: temperature 1.0, top-p 1.0 (the distribution the policy was t
 objects compared are policies at T=1, and a reheated model IS approximately the collapsed one at T=tau; evaluating
 at 0.6 would re-sharpen both and hide what reheating changed; `--temperature 1.5` on the collapsed model is the
 "reheat at sampling time" baseline), 20480 max tokens (rl_dapo.py's training length: shorter would cut correct
-long solutions), k = 16.
+long solutions), k = 16. Temperature is applied to the final logits only, by the sampler; the analyses score
+at T=1, so a reheated checkpoint's temperature is whatever its weights put there (the review's third point).
 
     python evaluate.py --ckpt runs/tiny_sft/model --benchmarks test=runs/tiny/data/test.jsonl --prompt-style plain \
         --k 4 --max-tokens 64 --out runs/eval_tiny
@@ -61,7 +63,8 @@ Metrics (README text):
     Seeds: `mean [lo, hi]` is the mean over seeds with a 95% Student-t interval (empty with one seed);
     bootstrap `diff` = mean over problems of (arm A - arm B) per-problem accuracy, its 95% percentile interval and
     two-sided p-value (10000 resamples of problems; pairs kept together, so problem difficulty cancels).
-    Comparison (tokens: BASE's own samples; both models condition on the same prefixes):
+    Comparison (positions: a uniform sample of the response tokens of BASE's first sample per prompt; both models
+    condition on the same prefixes; every mean is over those positions):
     entropy         mean next-token entropy at T=1 (nats) of each model; the histogram is per token
     max_prob, logit_std   mean top-1 probability and std of the logits over the vocabulary (sharpness: a pure
                     temperature tau divides logit_std by exactly tau)
@@ -74,8 +77,8 @@ Metrics (README text):
                     temperature keeps it exactly)
     layers          per layer (embedding output, every decoder layer's output, the final norm's output):
                     mean cosine of the two models' hidden states token by token, and linear CKA over tokens;
-                    1 = representation kept (a temperature in the final norm changes only its last entry's
-                    scale, which both ignore)
+                    1 = representation kept (the closed-form reheat scales the final norm's output and nothing
+                    else, and both measures ignore a scale)
     diversity       per prompt group of n samples from each model: distinct final answers, distinct responses,
                     accuracy and length: does reheating restore diversity that can be exploited, not only entropy?
     displacement    ||theta_OTHER - theta_BASE|| per layer, absolute and relative to ||theta_BASE||
@@ -126,7 +129,8 @@ class Args:
     ckpt: str = arg("", "checkpoints for accuracy, space-separated; each a HF dir or hub id, optionally label=path",
                     group="what to evaluate")
     benchmarks: str = arg(PAPER_BENCHMARKS, "comma-separated: names from common/data.py, local .jsonl/.json/.parquet "
-                          "files, name=path (a local file in a named benchmark's schema) or label=path (any schema)", group="what to evaluate")
+                          "files, name=path (a local file in a named benchmark's schema) or label=path (any schema)",
+                          group="what to evaluate")
     arms: str = arg("", "seeds per method, space-separated: name=ckptA,ckptB,ckptC other=ckptD,ckptE (their "
                     "checkpoints are evaluated for accuracy too)", group="what to evaluate")
     compare: str = arg("", "BASE OTHER: diversity, entropy, tau*, top-k overlap, layer similarity, displacement of "
@@ -159,7 +163,8 @@ class Args:
     compare_data: str = arg("", "benchmarks whose prompts --compare uses (default: --benchmarks)", group="analyses")
     compare_problems: int = arg(64, "prompts for --compare (a seeded sample of the pooled benchmarks)", group="analyses")
     compare_n: int = arg(8, "samples per prompt and model for --compare's diversity", group="analyses")
-    analysis_tokens: int = arg(8192, "response tokens of BASE's samples scored by both models", group="analyses")
+    analysis_tokens: int = arg(8192, "response positions analysed: a seeded uniform sample over BASE's first "
+                               "sample of every --compare prompt (all of them if fewer)", group="analyses")
     micro_batch_size: int = arg(4, "sequences per scoring forward", group="analyses")
     chunk_size: int = arg(64, "token rows per logits chunk (each a few [chunk, vocab] float64 buffers)", group="analyses")
     n_boot: int = arg(10000, "bootstrap resamples for the paired test between arms", group="analyses")
@@ -450,10 +455,11 @@ class LogitsFromHidden:
 
 
 @torch.no_grad()
-def score_sequences(path: str, seqs: list[tuple[list[int], list[int]]], a: Args, device) -> dict:
-    """One model's view of fixed sequences, at every response position: each layer's output (forward hooks on
-    the embedding, every decoder layer and the final norm; CPU, [N, D] each), the final hidden states and lm_head
-    weight in float32 on the device."""
+def score_sequences(path: str, seqs: list[tuple[list[int], list[int], np.ndarray]], a: Args, device) -> dict:
+    """One model's view of fixed sequences (prompt ids, response ids, the response positions to keep): each
+    layer's output there (forward hooks on the embedding, every decoder layer and the final norm, because
+    output_hidden_states replaces the last layer's output by the norm's; CPU, [N, D] each), the final hidden
+    states and the lm_head weight in float32 on the device."""
     lm = hf_model(path, device)
     modules = [lm.model.embed_tokens, *lm.model.layers, lm.model.norm]
     names = ["embed"] + [f"layer_{i + 1}" for i in range(len(lm.model.layers))] + ["final_norm"]
@@ -464,16 +470,21 @@ def score_sequences(path: str, seqs: list[tuple[list[int], list[int]]], a: Args,
     hidden = [[] for _ in modules]
     final = []
     for s in range(0, len(seqs), a.micro_batch_size):
-        ids, attn, pred, _ = pack_sequences(seqs[s:s + a.micro_batch_size], pad, device)
+        part = seqs[s:s + a.micro_batch_size]
+        ids, attn, _, _ = pack_sequences([(p, r) for p, r, _ in part], pad, device)
+        keep = torch.zeros_like(attn, dtype=torch.bool)
+        for row, (p, _, picks) in enumerate(part):
+            keep[row, len(p) - 1 + torch.as_tensor(picks, device=device)] = True   # the state at t predicts t+1
         lm.model(input_ids=ids, attention_mask=attn)
         for i in range(len(modules)):
-            hidden[i].append(captured[i][pred].cpu())            # [n, D] rows in (sequence, position) order
-        final.append(captured[len(modules) - 1][pred].float())
+            hidden[i].append(captured[i][keep].cpu())            # [n, D] rows in (sequence, position) order
+        final.append(captured[len(modules) - 1][keep].float())
     for h in hooks:
         h.remove()
     weight = lm.get_output_embeddings().weight.detach().float().clone()
     out = {"names": names, "hidden": [torch.cat(h) for h in hidden], "final": torch.cat(final), "weight": weight}
-    del lm, modules, captured
+    captured.clear()
+    del lm, modules
     release()
     return out
 
@@ -516,19 +527,21 @@ def compare_models(a: Args, base: Ckpt, other: Ckpt, rows_base: dict, rows_other
     if len(tok) != len(AutoTokenizer.from_pretrained(other.path)):
         raise SystemExit(f"--compare: {base.label} and {other.label} have different vocabularies")
     groups = {"base": [], "other": []}
-    seqs = []
+    seqs = []                                           # BASE's first sample of every prompt
     for bench, p in problems:
         groups["base"].append(rows_base[bench][p.id]["samples"])
         groups["other"].append(rows_other[bench][p.id]["samples"])
-        prompt_ids = tok(render_prompt(p, tok, a.prompt_style), add_special_tokens=False).input_ids
-        seqs += [(prompt_ids, s["ids"]) for s in rows_base[bench][p.id]["samples"] if s["ids"]]
-    chosen, budget = [], a.analysis_tokens            # whole responses in a seeded order until the token budget
-    for i in np.random.default_rng(a.seed).permutation(len(seqs)):
-        if budget <= 0:
-            break
-        p_ids, r_ids = seqs[i]
-        chosen.append((p_ids, r_ids[:budget]))
-        budget -= len(chosen[-1][1])
+        seqs.append((tok(render_prompt(p, tok, a.prompt_style), add_special_tokens=False).input_ids,
+                     rows_base[bench][p.id]["samples"][0]["ids"]))
+    # analysed positions: uniform over all of their response tokens, not the first responses' first tokens
+    offsets = np.cumsum([0] + [len(r) for _, r in seqs])
+    flat = np.sort(np.random.default_rng(a.seed).choice(offsets[-1], min(offsets[-1], a.analysis_tokens),
+                                                        replace=False))
+    chosen = []
+    for (p_ids, r_ids), lo, hi in zip(seqs, offsets[:-1], offsets[1:]):
+        picks = flat[(flat >= lo) & (flat < hi)] - lo
+        if len(picks):
+            chosen.append((p_ids, r_ids[:picks[-1] + 1], picks))   # nothing after the last pick is scored
     t0 = time.time()
     sb, so = score_sequences(base.path, chosen, a, device), score_sequences(other.path, chosen, a, device)
     lb, lo = LogitsFromHidden(sb["final"], sb["weight"]), LogitsFromHidden(so["final"], so["weight"])
@@ -614,7 +627,7 @@ def write_markdown(out: str):
         r = json.load(open(f))
         et, sh, dv = r["effective_temperature"], r["sharpness"], r["diversity"]
         md += [f"## Comparison: {r['other']} vs {r['base']} (BASE)", "",
-               f"{r['n_tokens']} response tokens of {r['n_sequences']} BASE samples; diversity over {r['n_prompts']} "
+               f"{r['n_tokens']} response positions of {r['n_sequences']} BASE samples; diversity over {r['n_prompts']} "
                f"prompts x {dv['base']['n']} samples per model ({r['settings']}).", "",
                "| | BASE | OTHER |", "|---|---|---|",
                f"| entropy at T=1 (nats) | {fmt(r['entropy']['base'])} | {fmt(r['entropy']['other'])} |",
@@ -623,7 +636,8 @@ def write_markdown(out: str):
         md += [f"| {k.replace('_', ' ')} per group | {fmt(dv['base'][k])} | {fmt(dv['other'][k])} |"
                for k in ("distinct_answers", "distinct_responses", "accuracy", "response_len")]
         pt = et["per_token"]
-        md += ["", f"tau* = {fmt(et['tau'], 4)} (KL at tau*: {fmt(et['kl'], 5)}, at 1: {fmt(et['kl_at_1'], 5)}, "
+        bound = " (at the search bound)" if et["tau_at_bound"] else ""
+        md += ["", f"tau* = {fmt(et['tau'], 4)}{bound} (KL at tau*: {fmt(et['kl'], 5)}, at 1: {fmt(et['kl_at_1'], 5)}, "
                f"explained: {fmt(et['explained'])}); per-token tau* p10/p50/p90 = {fmt(pt.get('p10'))} / "
                f"{fmt(pt.get('p50'))} / {fmt(pt.get('p90'))}.",
                "top-k overlap: " + ", ".join(f"k={k}: {fmt(v)}" for k, v in r["topk_overlap"].items()) + ".",
@@ -814,13 +828,13 @@ def main(argv=None):
         fp = fingerprint(c.path) if jobs else None
         for bench, ps, n, with_ids in jobs:
             path = cache_file(c, bench, n, with_ids)
+            meta_path = path.removesuffix(".jsonl") + ".meta.json"
+            if os.path.exists(meta_path) and json.load(open(meta_path))["fingerprint"] != fp:   # every rank stops
+                raise SystemExit(f"{path} was sampled from other weights than {c.path} (fingerprint differs): "
+                                 f"delete it, or give this checkpoint another label or --out")
             done = None
             if info.is_main:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                meta_path = path.removesuffix(".jsonl") + ".meta.json"
-                if os.path.exists(meta_path) and json.load(open(meta_path))["fingerprint"] != fp:
-                    raise SystemExit(f"{path} was sampled from other weights than {c.path} (fingerprint differs): "
-                                     f"delete it, or give this checkpoint another label or --out")
                 done = set(read_cache(path, repair=True))
             done = all_gather_objects(done)[0]
             todo = [p for p in ps if p.id not in done]
@@ -841,8 +855,9 @@ def main(argv=None):
                                      hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
                                      vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp, vllm_sleep=False)
             if info.is_main:
-                json.dump({"checkpoint": c.path, "fingerprint": fp, "benchmark": bench, "engine": engine.name,
-                           "settings": settings_tag(args, n, with_ids)}, open(meta_path, "w"), indent=1)
+                with open(meta_path, "w") as f:
+                    json.dump({"checkpoint": c.path, "fingerprint": fp, "benchmark": bench, "engine": engine.name,
+                               "settings": settings_tag(args, n, with_ids)}, f, indent=1)
             per_round = args.gen_chunk * engine.dp_size
             t0 = time.time()
             for start in range(0, len(todo), per_round):

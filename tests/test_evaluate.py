@@ -49,7 +49,7 @@ def test_compare_closed_form_tau_copy_and_self(tiny, tmp_path):
     out = tmp_path / "out"
     common = ["--benchmarks", f"test={tiny['test']}", "--compare-problems", "4", "--compare-n", "2",
               "--max-tokens", "16"]
-    run(out, "--compare", f"base={tiny['model']}", closed, *common)
+    run(out, "--compare", f"base={tiny['model']}", closed, *common, "--analysis-tokens", "40")
     r = load(out / "compare__base__vs__closed.json")
     et = r["effective_temperature"]
     assert et["tau"] == pytest.approx(1.5, abs=1e-3) and et["kl"] < 1e-8 and et["explained"] > 0.999
@@ -62,7 +62,8 @@ def test_compare_closed_form_tau_copy_and_self(tiny, tmp_path):
     assert r["sharpness"]["other"]["logit_std"] == pytest.approx(r["sharpness"]["base"]["logit_std"] / 1.5, rel=1e-5)
     moved = {d["name"]: d["delta_norm"] for d in r["displacement"]["per_layer"]}
     assert moved.pop("final_norm") > 0 and all(v == 0 for v in moved.values())
-    assert r["n_tokens"] > 0 and r["diversity"]["base"]["n_groups"] == 4 and r["diversity"]["base"]["n"] == 2
+    assert r["n_tokens"] == 40 and r["n_sequences"] >= 3            # 40 positions drawn over the 4 prompts' samples
+    assert r["diversity"]["base"]["n_groups"] == 4 and r["diversity"]["base"]["n"] == 2
     for kind in ("entropy", "tau", "layers"):
         png = out / "plots" / f"compare__base__vs__closed_{kind}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -74,6 +75,7 @@ def test_compare_closed_form_tau_copy_and_self(tiny, tmp_path):
     assert r["topk_overlap"] == {"1": 1.0, "5": 1.0, "10": 1.0}
     assert all(x["cka"] == pytest.approx(1, abs=1e-9) and x["cosine"] == pytest.approx(1, abs=1e-9) for x in r["layers"])
     assert r["displacement"]["delta_norm"] == 0 and r["diversity"]["base"] == r["diversity"]["other"]
+    assert r["n_sequences"] == 4 and r["n_tokens"] > 40                # under the budget: every response token
     md = (out / "results.md").read_text()
     assert "## Comparison: closed vs base (BASE)" in md and "## Comparison: base vs base (BASE)" in md
 
@@ -236,6 +238,11 @@ def test_resume_regenerates_only_what_is_missing(tiny, one_process_eval, tmp_pat
     forbid_generation(monkeypatch)
     run(out, *argv)
     assert metrics_of(out) == metrics_of(one_process_eval)
+
+    meta = cache.with_suffix(".meta.json")                # a cache sampled from other weights is refused
+    meta.write_text(json.dumps(load(meta) | {"fingerprint": "0" * 16}))
+    with pytest.raises(SystemExit, match="other weights"):
+        run(out, *argv)
 
 
 def test_two_ranks_sample_what_one_rank_samples(tiny, one_process_eval, tmp_path):
