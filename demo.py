@@ -138,38 +138,46 @@ def main(argv=None):
         arm_runs["tsopsd"].append(rl(f"tsopsd_s{seed}", reheated[seed], args.arm_steps, seed))
         arm_runs["closed"].append(rl(f"closed_s{seed}", closed, args.arm_steps, seed))
 
-    # ---- 3. evaluate
-    print("[demo] 3/4 evaluate every checkpoint on the held-out set", flush=True)
+    # ---- 3. evaluate: accuracy of every checkpoint, arms over seeds, collapsed vs reheated, curves
+    print("[demo] 3/4 evaluate every checkpoint on the held-out set, compare collapsed vs reheated", flush=True)
     ckpts = {"start": args.model, "collapsed": collapsed, "closed_form": closed}
     ckpts |= {f"reheated_s{s}": p for s, p in reheated.items()}
-    ckpts |= {os.path.basename(d): os.path.join(d, "final") for ds in arm_runs.values() for d in ds}
+    arms = {arm: [os.path.join(d, "final") for d in dirs] for arm, dirs in arm_runs.items()}
     eval_dir = os.path.join(out, "eval")
-    run([py, "evaluate.py", "--ckpt", *[f"{k}={v}" for k, v in ckpts.items()], "--benchmarks", f"heldout={test}",
-         "--k", str(args.eval_k), "--limit", str(args.eval_problems), "--prompt-style", "plain",
-         "--max-tokens", str(args.max_response_len), "--temperature", "1.0", "--rollout-engine", args.engine,
-         "--out", eval_dir], os.path.join(logs, "evaluate.log"))
-    run([py, "evaluate.py", "--compare", f"collapsed={collapsed}", f"reheated={reheated[0]}",
-         "--benchmarks", f"heldout={test}", "--limit", "64", "--k", str(args.group_size), "--prompt-style", "plain",
-         "--max-tokens", str(args.max_response_len), "--rollout-engine", args.engine, "--out", os.path.join(out, "compare")],
-        os.path.join(logs, "compare.log"))
-    run([py, "evaluate.py", "--runs", *[f"{os.path.basename(d)}={d}" for ds in arm_runs.values() for d in ds],
-         f"collapse={collapse}", "--out", os.path.join(out, "plots")], os.path.join(logs, "plots.log"))
+    run([py, "evaluate.py", "--ckpt", *[f"{k}={v}" for k, v in ckpts.items()],
+         "--arms", *[f"{arm}={','.join(paths)}" for arm, paths in arms.items()],
+         "--compare", f"collapsed={collapsed}", f"reheated={reheated[0]}",
+         "--runs", f"collapse={collapse}", *[f"{os.path.basename(d)}={d}" for ds in arm_runs.values() for d in ds],
+         *[f"reheat_s{s}={os.path.dirname(p)}" for s, p in reheated.items()],
+         "--benchmarks", f"heldout={test}", "--max-problems", str(args.eval_problems), "--k", str(args.eval_k),
+         "--prompt-style", "plain", "--max-tokens", str(args.max_response_len), "--temperature", "1.0",
+         "--rollout-engine", args.engine, "--compare-problems", "64", "--compare-n", str(args.group_size),
+         "--analysis-tokens", "2048", "--grade-workers", "0", "--out", eval_dir]
+        + (["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else []), os.path.join(logs, "evaluate.log"))
 
     # ---- 4. results
     write_results(out, args, ckpts, arm_runs, reheated, eval_dir, time.time() - t_start)
     print(f"\n[demo] done in {(time.time() - t_start) / 60:.1f} min. Results: {os.path.join(out, 'results.md')}; "
-          f"plots: {os.path.join(out, 'plots')}; runs: {runs}", flush=True)
+          f"details and plots: {eval_dir} (results.md, plots/); run directories: {runs}", flush=True)
+
+
+def label_of(ckpt_path: str, evals: dict) -> str:
+    """evaluate.py's label for a checkpoint it was given as a bare path (arms are)."""
+    for label, data in evals.items():
+        if os.path.abspath(data.get("checkpoint", "")) == os.path.abspath(ckpt_path):
+            return label
+    return ckpt_path
 
 
 def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, seconds):
     """results.md: every number read from the runs' metrics.jsonl and evaluate.py's JSON, none typed in."""
     from common.runlog import read_metrics
     from common.stats import mean_ci
-    evals = {}
-    for name in ckpts:
-        path = os.path.join(eval_dir, f"{name}.json")
-        if os.path.exists(path):
-            evals[name] = json.load(open(path))
+    import glob
+    evals = {}                                   # label -> evaluate.py's results JSON (results/<label>__<settings>.json)
+    for path in glob.glob(os.path.join(eval_dir, "results", "*.json")):
+        data = json.load(open(path))
+        evals[data.get("label") or os.path.basename(path).split("__")[0]] = data
 
     def acc(name, key):
         e = evals.get(name, {})
@@ -200,16 +208,16 @@ def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, seconds):
     starts = {"plain": "collapsed", "hot": f"collapsed, T={args.hot_temperature}", "tsopsd": f"TS-OPSD tau={args.tau}",
               "closed": f"closed form tau={args.tau}"}
     for arm, dirs in arm_runs.items():
-        names = [os.path.basename(d) for d in dirs]
+        names = [label_of(os.path.join(d, "final"), evals) for d in dirs]
         lines.append(f"| {arm} | {starts[arm]} | {fmt([entropy(d, True) for d in dirs])} -> "
                      f"{fmt([entropy(d, False) for d in dirs])} | {fmt([acc(n, f'avg@{k}') for n in names])} | "
                      f"{fmt([acc(n, f'pass@{k}') for n in names])} |")
     lines += ["", "Checkpoints before continued RL:", "", f"| checkpoint | held-out avg@{k} | pass@{k} |", "|---|---|---|"]
     for name in ["start", "collapsed", "closed_form"] + [f"reheated_s{s}" for s in reheated]:
         lines.append(f"| {name} | {fmt([acc(name, f'avg@{k}')])} | {fmt([acc(name, f'pass@{k}')])} |")
-    compare = os.path.join(out, "compare", "compare.md")
-    if os.path.exists(compare):
-        lines += ["", open(compare).read()]
+    lines += ["", f"Everything else (per-benchmark tables, the paired bootstrap between arms, the collapsed vs reheated "
+              f"analyses: entropy, effective temperature, top-k overlap, per-layer similarity, diversity) is in "
+              f"[eval/results.md](eval/results.md); curves in eval/plots/."]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
