@@ -9,7 +9,7 @@ import torch
 
 import rl_dapo
 from common.rollout import pack_sequences
-from tests._scripts import (assert_finite_row, assert_rows_match, assert_same_weights, deterministic, metrics,
+from tests._scripts import (assert_finite_row, assert_rows_match, assert_same_weights, metrics,
                             run_script, weights)
 
 # ----------------------------------------------------------------------------- rewards and advantages
