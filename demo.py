@@ -82,7 +82,8 @@ def main(argv=None):
     for path in (args.model, train, test):
         if not os.path.exists(path):
             raise SystemExit(f"{path} not found: rebuild the tiny model with `python -m common.tiny assets/tiny_math "
-                             f"--sft-steps 1500 --n-train 4000 --n-test 256`")
+                             f"--sft-steps 1200 --n-train 4000 --n-test 256 --max-operand 30 --sft-slip 0.15` "
+                             f"(see assets/tiny_math/BUILD.json)")
     out = os.path.abspath(args.out)
     runs, logs = os.path.join(out, "runs"), os.path.join(out, "logs")
     for d in (runs, logs):
