@@ -54,6 +54,7 @@ class Args:
     max_response_len: int = arg(64, "max tokens per response")
     eval_k: int = arg(8, "samples per held-out problem")
     eval_problems: int = arg(256, "held-out problems evaluated")
+    update_readme: bool = arg(False, "also copy results.md into README.md (between the demo-results markers)")
     engine: str = arg("hf", "rollout engine for every stage: hf or vllm (see README: hf is faster at this size)",
                       choices=("hf", "vllm"))
 
@@ -158,8 +159,23 @@ def main(argv=None):
 
     # ---- 4. results
     write_results(out, args, ckpts, arm_runs, reheated, eval_dir, time.time() - t_start)
+    if args.update_readme:
+        update_readme(os.path.join(out, "results.md"))
     print(f"\n[demo] done in {(time.time() - t_start) / 60:.1f} min. Results: {os.path.join(out, 'results.md')}; "
           f"details and plots: {eval_dir} (results.md, plots/); run directories: {runs}", flush=True)
+
+
+def update_readme(results_md: str, readme: str = os.path.join(ROOT, "README.md")):
+    """Put a demo's results.md into the README verbatim, so no number there is typed by hand."""
+    start, end = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
+    text = open(readme).read()
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+    body = open(results_md).read().replace("# TS-OPSD demo: results", "").strip()
+    body = body.replace("](eval/", "](runs/demo/eval/")
+    head, rest = text.split(start, 1)
+    with open(readme, "w") as f:
+        f.write(head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1])
 
 
 def label_of(ckpt_path: str, evals: dict) -> str:
@@ -216,6 +232,20 @@ def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, seconds):
     lines += ["", "Checkpoints before continued RL:", "", f"| checkpoint | held-out avg@{k} | pass@{k} |", "|---|---|---|"]
     for name in ["start", "collapsed", "closed_form"] + [f"reheated_s{s}" for s in reheated]:
         lines.append(f"| {name} | {fmt([acc(name, f'avg@{k}')])} | {fmt([acc(name, f'pass@{k}')])} |")
+    cmp_paths = glob.glob(os.path.join(eval_dir, "compare__*.json"))
+    if cmp_paths:
+        c = json.load(open(cmp_paths[0]))
+        ov, div = c["topk_overlap"], c["diversity"]
+        lines += ["", f"Collapsed vs TS-OPSD-reheated ({c['n_tokens']} positions of the collapsed model's samples; "
+                  f"diversity over {div['base']['n_groups']} prompts x {div['base']['n']} samples):", "",
+                  "| | collapsed | reheated |", "|---|---|---|",
+                  f"| token entropy at T=1 | {c['entropy']['base']:.3f} | {c['entropy']['other']:.3f} |",
+                  f"| distinct answers per group | {div['base']['distinct_answers']:.2f} | {div['other']['distinct_answers']:.2f} |",
+                  f"| accuracy | {div['base']['accuracy']:.3f} | {div['other']['accuracy']:.3f} |", "",
+                  f"Effective temperature tau* = {c['effective_temperature']['tau']:.3f} (a temperature explains "
+                  f"{c['effective_temperature']['explained']:.0%} of the KL between them); top-k overlap "
+                  f"k=1/5/10: {ov['1']:.3f} / {ov['5']:.3f} / {ov['10']:.3f}; hidden-state CKA per layer: "
+                  + ", ".join(f"{layer['name']} {layer['cka']:.4f}" for layer in c["layers"]) + "."]
     lines += ["", f"Everything else (per-benchmark tables, the paired bootstrap between arms, the collapsed vs reheated "
               f"analyses: entropy, effective temperature, top-k overlap, per-layer similarity, diversity) is in "
               f"[eval/results.md](eval/results.md); curves in eval/plots/."]
