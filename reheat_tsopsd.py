@@ -181,7 +181,7 @@ def main(argv=None):
         logger.truncate_after(start_step)
 
     # ------------------------------------------------------------------------- rollout engine
-    max_prompt = max(len(tokenizer(render_prompt(p, tokenizer, args.prompt_style)).input_ids) for p in problems[:2000])
+    max_prompt = max(len(tokenizer(render_prompt(p, tokenizer, args.prompt_style)).input_ids) for p in problems)
     engine = make_engine(args.rollout_engine, model=student, model_path=ckpt, tokenizer=tokenizer, info=info,
                          max_model_len=max_prompt + args.max_response_len + 8, seed=args.seed,
                          hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,

@@ -232,7 +232,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- rollout engine
     max_prompt = max(len(tokenizer(render_prompt(p, tokenizer, args.prompt_style)).input_ids)
-                     for p in train_problems[:2000] + val_problems[:2000])
+                     for p in train_problems + val_problems)    # vLLM rejects longer prompts
     engine = make_engine(args.rollout_engine, model=model, model_path=model_path, tokenizer=tokenizer, info=info,
                          max_model_len=max_prompt + args.max_response_len + 8, seed=args.seed,
                          hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
