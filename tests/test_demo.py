@@ -48,6 +48,11 @@ def test_rl_moved_the_policy(demo):
     assert moved > 0
     rows = [json.loads(l) for l in open(os.path.join(out, "runs", "collapse", "metrics.jsonl"))]
     assert all("rollout/accuracy" in r for r in rows) and len(rows) >= 3
+    # RL moves the policy the expected way over the short run: accuracy up or entropy down (seeded, so this is
+    # the same run every time on this software stack; measured: accuracy 0.398 -> 0.484, entropy 0.136 -> 0.133)
+    first, last = rows[0], rows[-1]
+    assert (last["rollout/accuracy"] > first["rollout/accuracy"]
+            or last["train/entropy_t1"] < first["train/entropy_t1"])
 
 
 def test_every_checkpoint_loads_in_transformers_and_vllm(demo):
