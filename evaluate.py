@@ -102,8 +102,8 @@ import torch
 
 from common.cli import arg, parse_args
 from common.data import BENCHMARKS, LOCAL_EXTENSIONS, PROMPT_STYLES, DataError, load_problems, render_prompt
-from common.dist import (all_gather_objects, cleanup_distributed, derive_seed, init_distributed, print0,
-                         resolve_model_path)
+from common.dist import (all_gather_objects, check_model_path, cleanup_distributed, derive_seed, init_distributed,
+                         print0, resolve_model_path)
 from common.eval_io import (Delta, Weights, dump, fingerprint, layer_of, plot_comparison, plot_runs, read_cache,
                             sq_norm, write_markdown)
 from common.grading import extract_answer, grade_batch
@@ -204,17 +204,6 @@ def ckpt_spec(item: str) -> Ckpt:
     return Ckpt(re.sub(r"[^\w.+-]", "_", label), path)
 
 
-def check_ckpt(path: str):
-    local = os.path.expanduser(path)
-    if os.path.isdir(local):
-        if not os.path.isfile(os.path.join(local, "config.json")):
-            raise SystemExit(f"checkpoint {path}: a directory without config.json (not a HF checkpoint)")
-        return
-    hub_like = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not os.path.isdir(path.split("/")[0])
-    if not hub_like:
-        raise SystemExit(f"checkpoint not found: {path} (give a HF checkpoint directory or a hub id org/name)")
-
-
 def benchmark_specs(text: str) -> list[tuple[str, str, str | None]]:
     """[(label, source, path)] for load_problems(source, path=path); unknown names and missing files fail here."""
     specs = []
@@ -261,7 +250,7 @@ def check_args(a: Args) -> dict:
     if not (ckpts or arms or compare or disp or runs):
         raise SystemExit("nothing to do: give --ckpt, --arms, --compare, --displacement and/or --runs")
     for c in ckpts + [c for cs in arms.values() for c in cs] + compare + disp:
-        check_ckpt(c.path)
+        check_model_path(c.path)
     for name in ("k", "max_tokens", "gen_chunk", "hf_batch_size", "compare_problems", "compare_n", "analysis_tokens",
                  "micro_batch_size", "chunk_size", "n_boot"):
         if getattr(a, name) <= 0:

@@ -250,7 +250,8 @@ def main(argv=None):
         t0 = time.time()
         n_tok_global = all_reduce(sum(len(r) for _, r in seqs)).item()
         optimizer.zero_grad(set_to_none=True)
-        sums = {k: 0.0 for k in ("student_entropy", "teacher_entropy", "divergence", "top1_agree")}
+        names = ("student_entropy", "teacher_entropy", "divergence", "top1_agree")
+        sums = torch.zeros(len(names), dtype=torch.float64, device=info.device)   # one host sync per step
         for i in range(0, len(seqs), args.micro_batch_size):
             part = seqs[i:i + args.micro_batch_size]
             ids, attn, pred, _ = pack_sequences(part, tokenizer.pad_token_id, info.device)
@@ -259,8 +260,7 @@ def main(argv=None):
             # fused_linear_kl is a mean over this micro-batch; re-weight to the mean over all tokens of all ranks
             loss, stats = student(ids, attention_mask=attn, head=kl_head(pred, t_h, n_tok / n_tok_global * info.world_size))
             loss.backward()
-            for k in sums:
-                sums[k] += stats[k].double().sum().item()
+            sums += torch.stack([stats[k].double().sum() for k in names]).to(sums.device)
         gn = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
         gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
         if torch.isfinite(gn):
@@ -273,11 +273,11 @@ def main(argv=None):
         m["time/weight_sync"] = time.time() - t0
 
         own = engine.tp_rank == 0
-        tot = all_reduce([sums[k] for k in sums] + [sum(correct) * own, len(correct) * own, sum(distinct) * own,
+        tot = all_reduce(sums.tolist() + [sum(correct) * own, len(correct) * own, sum(distinct) * own,
                                                     len(distinct) * own,
                                                     sum(len(s.response_ids) for g in groups for s in g) * own])
         ntok = max(n_tok_global, 1)
-        m |= {f"reheat/{k}": tot[j].item() / ntok for j, k in enumerate(sums)}
+        m |= {f"reheat/{k}": tot[j].item() / ntok for j, k in enumerate(names)}
         m |= {"rollout/accuracy": tot[4].item() / max(tot[5].item(), 1),
               "rollout/distinct_answers": tot[6].item() / max(tot[7].item(), 1),
               "rollout/response_len_mean": tot[8].item() / max(tot[5].item(), 1),

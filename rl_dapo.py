@@ -36,7 +36,7 @@ from tqdm import tqdm
 from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
 from common.cli import arg, parse_args, with_resumed_config
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
-from common.dist import (all_gather_objects, all_reduce, cleanup_distributed, derive_seed, init_distributed,
+from common.dist import (all_gather_objects, all_reduce, check_model_path, cleanup_distributed, derive_seed, init_distributed,
                          print0, resolve_model_path, seed_everything, shard_model)
 from common.grading import extract_answer, grade_batch
 from common.losses import chunked_logprob_entropy, entropy_from_hidden
@@ -120,9 +120,8 @@ def check_args(a: Args):
             raise SystemExit(f"--resume {a.resume}: it has no complete checkpoint under checkpoints/")
     elif not a.model:
         raise SystemExit("--model is required: a HF checkpoint directory or a hub id like Qwen/Qwen3-4B-Base")
-    elif a.model.startswith((".", "/", "~")) or os.sep in a.model and not a.model.count("/") == 1:
-        if not os.path.isdir(os.path.expanduser(a.model)):
-            raise SystemExit(f"--model {a.model}: checkpoint directory does not exist")
+    else:
+        check_model_path(a.model)
     positive = dict(group_size=a.group_size, prompts_per_step=a.prompts_per_step, gen_batch_prompts=a.gen_batch_prompts,
                     max_gen_batches=a.max_gen_batches, max_response_len=a.max_response_len, ppo_mini_batch=a.ppo_mini_batch,
                     micro_batch_size=a.micro_batch_size, chunk_size=a.chunk_size, steps=a.steps)
@@ -382,8 +381,10 @@ def main(argv=None):
                     sampler_lp.append(lps)
             n_mini = len(mini_sizes)
             seq_bounds = [0] + [sum(mini_sizes[:i + 1]) * args.group_size for i in range(n_mini)]
-            stats = {k: 0.0 for k in ("loss", "clip_hi", "clip_lo", "dual", "kl", "tokens", "ent", "ent1", "lp_diff_sum")}
-            lp_diff_max, grad_norms, skipped = 0.0, [], 0
+            # per-step sums kept on the device (one host sync per step, not one per micro-batch):
+            # loss, clip_hi, clip_lo, dual, kl, tokens, entropy, entropy_t1, logprob diff sum, logprob diff max
+            stats = torch.zeros(10, dtype=torch.float64, device=info.device)
+            grad_norms, skipped = [], 0
 
             old_lp = None
             if n_mini > 1:                       # off-policy after the first update: keep pre-update log-probs
@@ -414,17 +415,12 @@ def main(argv=None):
                     with torch.no_grad():
                         ratio = torch.exp(logp.float() - old)
                         diff = (old - slp).abs()
-                        stats["loss"] += loss_tok.sum().item()
-                        stats["clip_hi"] += c_hi.sum().item()
-                        stats["clip_lo"] += c_lo.sum().item()
-                        stats["dual"] += dual.sum().item()
-                        stats["kl"] += ((ratio - 1) - torch.log(ratio)).sum().item()
-                        stats["tokens"] += len(logp)
-                        stats["ent"] += ent.sum().item()
-                        stats["ent1"] += ent1.sum().item()
-                        if mb == 0:                      # before any update: the engine's and trainer's log-probs
-                            stats["lp_diff_sum"] += diff.sum().item()
-                            lp_diff_max = max(lp_diff_max, diff.max().item())
+                        first = mb == 0          # before any update: the engine's and the trainer's log-probs
+                        parts = [loss_tok.sum(), c_hi.sum(), c_lo.sum(), dual.sum(), ((ratio - 1) - torch.log(ratio)).sum(),
+                                 torch.tensor(len(logp)), ent.sum(), ent1.sum(), diff.sum() * first]
+                        stats[:9] += torch.stack([x.to(stats.device, torch.float64) for x in parts])
+                        if first:
+                            stats[9] = torch.maximum(stats[9], diff.max().to(stats.device, torch.float64))
                 gn = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
                 if not torch.isfinite(gn):
@@ -434,7 +430,8 @@ def main(argv=None):
                     continue
                 optimizer.step()
                 grad_norms.append(gn.item())
-            tot = all_reduce([stats[k] for k in ("loss", "clip_hi", "clip_lo", "dual", "kl", "tokens", "ent", "ent1", "lp_diff_sum")])
+            stats = stats.tolist()
+            tot = all_reduce(stats[:9])
             ntok = max(tot[5].item(), 1)
             first_mb_tokens = all_reduce(sum(len(r) for _, r in seqs[:seq_bounds[1]])).item()
             m |= {"train/pg_loss": tot[0].item() / ntok, "train/clip_frac_upper": tot[1].item() / ntok,
@@ -444,7 +441,7 @@ def main(argv=None):
                   "train/grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "train/updates": len(grad_norms),
                   "train/updates_skipped": skipped, "train/tokens": ntok,
                   "rollout/logprob_diff_mean": tot[8].item() / max(first_mb_tokens, 1),
-                  "rollout/logprob_diff_max": all_reduce([lp_diff_max], "max")[0].item()}
+                  "rollout/logprob_diff_max": all_reduce([stats[9]], "max")[0].item()}
         m["time/update"] = time.time() - t0
 
         # ---- 6: weight sync

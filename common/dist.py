@@ -105,14 +105,26 @@ def barrier():
         dist.barrier()
 
 
+def check_model_path(path: str):
+    """Fail early, without downloading: a local path must be a HF checkpoint directory; anything else must look
+    like a hub id (org/name)."""
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise SystemExit(f"checkpoint {path}: a directory without config.json (not a HF checkpoint)")
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.isdir(path.split("/")[0]):
+        raise SystemExit(f"checkpoint not found: {path} (checkpoint directory does not exist, and it is not a hub id "
+                         f"org/name)")
+
+
 def resolve_model_path(path: str) -> str:
     """A local checkpoint directory as is; a hub id downloaded once (so vLLM and transformers read the same
     files). A path-looking argument that does not exist is an error, not a hub lookup."""
+    check_model_path(path)
     local = os.path.expanduser(path)
     if os.path.isdir(local):
         return local
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise SystemExit(f"model checkpoint not found: {path} (give a HF checkpoint directory or a hub id org/name)")
     from huggingface_hub import snapshot_download
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"])
 
