@@ -330,6 +330,38 @@ def test_torchrun_fsdp2_matches_one_process(vllm_run, tiny_warm, tmp_path):
 
 
 @pytest.mark.slow
+def test_vllm_tensor_parallel_matches_one_process(vllm_run, tiny_warm, tmp_path):
+    """--vllm-tp 2 on 2 processes: one vLLM engine split over both ranks (its TP group built inside our process
+    group by the external launcher), both ranks serving the same prompts. Same seeds, same samples: step 1 is
+    the 1-process step, and after the weight sync (step 2's rollout) vLLM's log-probs still match the
+    trainer's, so every TP shard received its slice of the new weights."""
+    run_script("rl_dapo.py", rl_args(tiny_warm, str(tmp_path), "tp2", "--no-compile", "--sharding", "fsdp",
+                                     "--vllm-tp", 2, engine="vllm", steps=2), nproc=2)
+    rows, ref = metrics(os.path.join(tmp_path, "tp2")), metrics(vllm_run)
+    for k in COMPARED:
+        assert rows[0][k] == pytest.approx(ref[0][k], rel=1e-4, abs=1e-6), f"{k}: TP=2 {rows[0][k]} vs 1 process {ref[0][k]}"
+    assert rows[1]["rollout/logprob_diff_max"] < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["fsdp", "ddp"])
+def test_bf16_compute_is_close_to_fp32(vllm_run, tiny_warm, tmp_path, sharding):
+    """--bf16, the GPU default, run on CPU: FSDP2 with MixedPrecisionPolicy(bf16 params, fp32 reduce), or DDP
+    under bf16 autocast. The rollout (fp32 vLLM, same seeds) is the 1-process fp32 run's; the trainer's
+    numbers move by bf16 rounding only, and the engine-vs-trainer log-prob gap shows that the trainer did
+    compute in bf16 (fp32 vs fp32 is ~1e-6)."""
+    run_script("rl_dapo.py", rl_args(tiny_warm, str(tmp_path), sharding, "--no-compile", "--sharding", sharding,
+                                     "--bf16", engine="vllm", steps=1), nproc=2)
+    row, ref = metrics(os.path.join(tmp_path, sharding))[0], metrics(vllm_run)[0]
+    for k in ("rollout/accuracy", "rollout/groups_used", "train/tokens", "rollout/response_len_mean"):
+        assert row[k] == ref[k], k                                  # same samples
+    assert 1e-4 < row["rollout/logprob_diff_mean"] < 0.01       # measured ~9e-4
+    assert row["train/entropy"] == pytest.approx(ref["train/entropy"], rel=0.02)
+    assert row["train/grad_norm"] == pytest.approx(ref["train/grad_norm"], rel=0.03)
+    assert row["train/pg_loss"] == pytest.approx(ref["train/pg_loss"], abs=1e-3)      # |pg_loss| ~3e-3
+
+
+@pytest.mark.slow
 def test_resume_reproduces_the_straight_run(vllm_run, tiny_warm, tmp_path):
     """1 step + checkpoint, then a new process with --resume (and --steps 2): the same metrics and the same
     final weights as the straight 2-step run (vLLM seeds per prompt position, data order from the cursor,

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.dist import DistInfo, shard_model
+from common.dist import DistInfo, full_params, shard_model
 from common.rollout import HFEngine, stop_token_ids
 
 PROMPTS = ["What is 3+22?\n", "What is 51-7+9?\n"]
@@ -71,3 +71,72 @@ def test_vllm_engine_sync_weights_matches_trainer(which, request):
             for p in lm.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
         engine.sync_weights(model)
+
+
+
+class _FakeLLM:
+    """Records the calls VLLMEngine makes, in order, and which of its memory pools would be asleep: lets the
+    CUDA-only sleep/wake sequence be checked on CPU (vLLM's own sleep mode needs a GPU)."""
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.calls, self.asleep = kwargs, [], set()
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+        self.asleep = {"weights", "kv_cache"}
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tuple(tags) if tags else None))
+        self.asleep -= set(tags or self.asleep)
+
+    def collective_rpc(self, method, kwargs=None):
+        if callable(method):                         # the CPU-only repack of a tied lm_head
+            self.calls.append(("rpc", method.__name__))
+            return
+        assert method == "reload_weights" and "weights" not in self.asleep, (method, self.asleep)
+        names = [name for name, _ in kwargs["weights_iterator"]]           # consumed here, as vLLM does
+        self.calls.append(("reload_weights", len(names), tuple(sorted(self.asleep))))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def generate(self, prompts, params, use_tqdm=False):
+        assert not self.asleep, f"generate while {self.asleep} asleep"
+        self.calls.append(("generate", len(prompts)))
+        from types import SimpleNamespace
+        out = SimpleNamespace(token_ids=[5], logprobs=[{5: SimpleNamespace(logprob=-0.5)}], finish_reason="length",
+                              text="x")
+        return [SimpleNamespace(outputs=[out] * p.n) for p in params]
+
+
+@pytest.mark.parametrize("device, sleep", [("cuda", True), ("cuda", False), ("cpu", True)])
+def test_vllm_sleep_wake_sequence(tiny, monkeypatch, device, sleep):
+    """--vllm-sleep on CUDA: sleep(level=2) after the rollout; the sync wakes the weights alone, reloads them
+    (the KV cache still asleep, so the gathered weights have room), then wakes the KV cache and drops the
+    prefix cache; a generate on a sleeping engine wakes everything first. Off, or on CPU (where vLLM has no
+    sleep mode), nothing sleeps, and on CPU the tied lm_head is repacked after each reload."""
+    vllm = pytest.importorskip("vllm")
+    from common.rollout import VLLMEngine
+    monkeypatch.setattr(vllm, "LLM", _FakeLLM)
+    tok = AutoTokenizer.from_pretrained(tiny["model"])
+    model = shard_model(AutoModelForCausalLM.from_pretrained(tiny["model"]), DistInfo(), "none")
+    engine = VLLMEngine(tiny["model"], tok, DistInfo(device=torch.device(device)), max_model_len=64, sleep_mode=sleep)
+    llm, on = engine.llm, sleep and device == "cuda"
+    assert llm.kwargs["enable_sleep_mode"] is on
+    assert llm.kwargs["dtype"] == ("bfloat16" if device == "cuda" else "float32")
+    n = len(list(full_params(model)))                # tied: the lm_head is sent once, as the embedding
+    for _ in range(2):                               # rollout, train, sync: twice
+        engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=4, seeds=[0, 1])
+        engine.sleep()
+        engine.sync_weights(model)
+    engine.sleep()
+    engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=4, seeds=[0, 1])   # no sync in between
+    if on:
+        step = [("generate", 2), ("sleep", 2), ("wake_up", ("weights",)), ("reload_weights", n, ("kv_cache",)),
+                ("wake_up", ("kv_cache",)), ("reset_prefix_cache",)]
+        tail = [("sleep", 2), ("wake_up", None), ("generate", 2)]
+    else:
+        step = [("generate", 2), ("reload_weights", n, ())] + [("rpc", "_repack_tied_lm_head")] * (device == "cpu") + \
+               [("reset_prefix_cache",)]
+        tail = [("generate", 2)]
+    assert llm.calls == step * 2 + tail
