@@ -101,7 +101,9 @@ class Args:
     resume: str = arg("", "run directory to continue from its last complete checkpoint", group="run")
     save_every: int = arg(0, "steps between checkpoints (0: only at the end)", group="run")
     keep_last: int = arg(2, "complete checkpoints to keep", group="run")
-    wandb_project: str = arg("", "also log to this wandb project", group="run")
+    wandb_project: str = arg("", "also log to this wandb project (empty: off)", group="run")
+    tensorboard: bool = arg(False, "also write tensorboard scalars to RUN_DIR/tb (needs the tensorboard package)",
+                            group="run")
 
 
 def check_args(a: Args):
@@ -176,7 +178,8 @@ def main(argv=None):
     if args.resume:
         state = load_checkpoint(latest_checkpoint(args.resume), student, optimizer)
         start_step, cursor = state["step"], state["cursor"]
-    logger = MetricsLogger(run_dir, enabled=info.is_main, wandb_project=args.wandb_project or None)
+    logger = MetricsLogger(run_dir, enabled=info.is_main, wandb_project=args.wandb_project or None,
+                           tensorboard=args.tensorboard)
     if args.resume:
         logger.truncate_after(start_step)
 

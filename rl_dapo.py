@@ -109,6 +109,8 @@ class Args:
     val_temperature: float = arg(1.0, "validation sampling temperature", group="run")
     val_max_problems: int = arg(0, "validate on the first this-many problems (0: all)", group="run")
     wandb_project: str = arg("", "also log to this wandb project (empty: off)", group="run")
+    tensorboard: bool = arg(False, "also write tensorboard scalars to RUN_DIR/tb (needs the tensorboard package)",
+                            group="run")
 
 
 def check_args(a: Args):
@@ -225,7 +227,8 @@ def main(argv=None):
         state = load_checkpoint(ckpt, model, optimizer)
         start_step, cursor = state["step"], state["cursor"]
         print0(f"[rl_dapo] resumed from {ckpt} at step {start_step}")
-    logger = MetricsLogger(run_dir, enabled=info.is_main, wandb_project=args.wandb_project or None)
+    logger = MetricsLogger(run_dir, enabled=info.is_main, wandb_project=args.wandb_project or None,
+                           tensorboard=args.tensorboard)
     if args.resume:
         logger.truncate_after(start_step)
 

@@ -138,3 +138,30 @@ def test_disabled_logger_and_missing_mirrors(tmp_path):
         on.log(0, {"loss": 1.0})
         on.close()
         assert read_metrics(str(tmp_path / "on"))[0]["loss"] == 1.0
+
+
+def test_tensorboard_mirror_gets_every_numeric_metric(tmp_path, monkeypatch):
+    """--tensorboard: each numeric metric of a row goes to SummaryWriter.add_scalar at the row's step (a stand-in
+    writer here: the tensorboard package is optional and not installed in CI); text and lists stay in the JSONL."""
+    import sys
+    import types
+    written, closed = [], []
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def close(self):
+            closed.append(self.log_dir)
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    logger = MetricsLogger(str(tmp_path), tensorboard=True)
+    logger.log(3, {"train/loss": 0.5, "train/tokens": 12, "text/sample": "Answer: 4", "hist": [1.0, 2.0],
+                   "flag": True})
+    logger.close()
+    assert sorted(written) == [("train/loss", 0.5, 3), ("train/tokens", 12, 3)]
+    assert closed == [os.path.join(str(tmp_path), "tb")]
+    assert read_metrics(str(tmp_path))[0]["text/sample"] == "Answer: 4"
