@@ -406,3 +406,42 @@ def test_bad_input_exit_status_from_the_command_line(tmp_path):
     proc = run_script("rl_dapo.py", ["--model", str(tmp_path / "nope"), "--out", str(tmp_path)], check=False, timeout=120)
     assert proc.returncode == 1 and "checkpoint directory does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_non_finite_loss_skips_the_update_and_never_saves_bad_weights(tiny_warm, tmp_path, monkeypatch, capsys):
+    """A NaN loss (here: every token's, from step 2 on) stops that update with a message; the weights and the
+    checkpoint after it are the last good ones, finite; the skipped updates are counted in the metrics."""
+    calls = {"step": 0}
+    real = rl_dapo.dapo_token_loss
+
+    def poisoned(*a, **k):
+        loss, *rest = real(*a, **k)
+        return (loss * float("nan") if calls["step"] >= 1 else loss), *rest
+
+    real_sync = rl_dapo.make_engine
+
+    def counting_engine(*a, **k):                     # the step count, from the weight syncs at each step's end
+        engine = real_sync(*a, **k)
+        sync = engine.sync_weights
+
+        def sync_and_count(model):
+            sync(model)
+            calls["step"] += 1
+        engine.sync_weights = sync_and_count
+        return engine
+
+    monkeypatch.setattr(rl_dapo, "dapo_token_loss", poisoned)
+    monkeypatch.setattr(rl_dapo, "make_engine", counting_engine)
+    args = rl_args(tiny_warm, str(tmp_path), "nan", "--no-compile", "--save-every", 1, "--keep-last", 3)
+    rl_dapo.main([str(a) for a in args])
+    run = os.path.join(tmp_path, "nan")
+    rows = metrics(run)
+    assert rows[0]["train/updates"] == 2 and rows[0]["train/updates_skipped"] == 0
+    assert rows[1]["train/updates"] == 0 and rows[1]["train/updates_skipped"] == 2
+    assert "non-finite loss/gradient" in capsys.readouterr().out
+    after1, after2 = weights(os.path.join(run, "checkpoints", "step_000001")), weights(os.path.join(run, "final"))
+    for k in after1:
+        assert torch.isfinite(after2[k]).all(), k
+        assert torch.equal(after1[k], after2[k]), k                  # step 2 changed nothing
+    assert after2.keys() == weights(os.path.join(run, "checkpoints", "step_000002")).keys()
