@@ -50,7 +50,8 @@ stamp "reheat_tsopsd.py on its result ($RH_STEPS steps)"
 $PY reheat_tsopsd.py --ckpt "$OUT/rl/final" --tau 1.5 --data $D/train.jsonl --prompt-style plain \
     --max-response-len 64 --steps $RH_STEPS --lr 3e-4 --out "$OUT" --run-name reheat
 echo "reheat_tsopsd exit $?"
-rm -rf "$OUT"/rl/checkpoints "$OUT"/rl/final "$OUT"/reheat/checkpoints "$OUT"/reheat/final "$OUT"/*/*.py   # only the records come back
+# only the records come back (the device tool returns at most 8 files): metrics.jsonl and config.json of each run
+rm -rf "$OUT"/{rl,reheat}/{checkpoints,final,*.py,command.txt,env.json,code.diff}
 
 stamp "bench_kl.py ($KL)"
 $PY bench/bench_kl.py $KL --out "$OUT/kl_gpu.json" --timeout 240
@@ -79,6 +80,10 @@ for name in ("kl_gpu.json", "rollout_gpu.json"):
     path = os.path.join(out, name)
     if os.path.exists(path):
         data = json.load(open(path))
-        print(data.get("table", json.dumps(data.get("results", data))[:2000]))
+        if "table" in data:
+            print(data["table"])
+        for r in data.get("rows", []):
+            print(f"rollout {r['engine']}: {r['tokens_per_s']:.0f} tok/s, start-up {r['startup_s']:.1f} s, "
+                  f"sync {r['sync_s']:.4f} s = {r['sync_share_of_step']:.1%} of a generate+sync step")
 PY
 stamp done
