@@ -58,13 +58,19 @@ def parse_args(cls, argv=None, description: str | None = None):
         group.add_argument(flag, type=conv, default=default, choices=meta.get("choices"),
                            help=f"{text} (default: {default})")
     ns = parser.parse_args(argv)
-    return cls(**vars(ns))
+    args = cls(**vars(ns))
+    # which flags the command line gave (whatever their value), for with_resumed_config: parse again with
+    # every default suppressed, so only the given ones appear
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    args._given = set(vars(parser.parse_args(argv)))
+    return args
 
 
 def with_resumed_config(args):
-    """With `args.resume` (a run directory): the run's saved config, except the flags given differently now
-    (e.g. a larger --steps to extend a finished run). A flag given with its default value cannot be told
-    from an absent one, so it reads as absent."""
+    """With `args.resume` (a run directory): the run's saved config, except the flags given on this command
+    line (e.g. a larger --steps to extend a finished run), whatever their value. (Args built without
+    parse_args carry no record of what was given: there, a field at its default reads as not given.)"""
     import json
     import os
     if not getattr(args, "resume", ""):
@@ -75,7 +81,10 @@ def with_resumed_config(args):
     saved = json.load(open(path))
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                 for f in dataclasses.fields(args)}
+    given = getattr(args, "_given", None)
     for name, value in saved.items():
-        if name in defaults and name != "resume" and getattr(args, name) == defaults[name]:
+        if name not in defaults or name == "resume":
+            continue
+        if (name not in given) if given is not None else (getattr(args, name) == defaults[name]):
             setattr(args, name, value)
     return args
