@@ -189,6 +189,7 @@ def main(argv=None):
                          max_model_len=max_prompt + args.max_response_len + 8, seed=args.seed,
                          hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
                          vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp, vllm_sleep=args.vllm_sleep)
+    torch.set_float32_matmul_precision("high")         # TF32 for fp32 matmuls; after vLLM, which resets it
     if args.resume:
         engine.sync_weights(student)
     print0(f"[reheat_tsopsd] tau={args.tau} teacher={args.teacher} divergence={args.divergence} engine={engine.name} "
@@ -243,8 +244,8 @@ def main(argv=None):
                               num_workers=args.grade_workers)
         distinct = [distinct_count([extract_answer(s.text) for s in g]) for g in groups]
         m["time/grading"] = time.time() - t0
-        # vLLM tensor-parallel replicas hold the same samples: only the first of each group trains on them
-        seqs = [(s.prompt_ids, s.response_ids) for g in groups for s in g] if engine.tp_rank == 0 else []
+        # the ranks of a vLLM tensor-parallel group hold the same samples: each trains on its share of them
+        seqs = [(s.prompt_ids, s.response_ids) for g in groups for s in g][engine.tp_rank::engine.tp]
         if info.world_size > 1:           # equal micro-batch counts on every rank (FSDP collectives)
             n_seq = int(all_reduce(len(seqs), "min").item())
             seqs = seqs[:n_seq]

@@ -197,7 +197,6 @@ def main(argv=None):
         raise SystemExit(f"--ppo-mini-batch ({args.ppo_mini_batch}) and --prompts-per-step ({args.prompts_per_step}) "
                          f"must be multiples of the number of processes ({info.world_size})")
     seed_everything(derive_seed(args.seed, info.rank))
-    torch.set_float32_matmul_precision("high")
     model_path = resolve_model_path(args.model)
     try:                                                # before the run directory: a typo leaves no empty run
         train_problems = load_problems(args.data)
@@ -239,6 +238,7 @@ def main(argv=None):
                          max_model_len=max_prompt + args.max_response_len + 8, seed=args.seed,
                          hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
                          vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp, vllm_sleep=args.vllm_sleep)
+    torch.set_float32_matmul_precision("high")         # TF32 for fp32 matmuls; after vLLM, which resets it
     if args.resume:
         engine.sync_weights(model)                      # vLLM loaded the original weights from disk
     print0(f"[rl_dapo] engine={engine.name} world={info.world_size} device={info.device} "

@@ -11,6 +11,7 @@
   lm_head weight gathered exactly while the loss needs it and lets autograd route its gradient back.
 """
 import dataclasses
+import datetime
 import os
 import random
 
@@ -54,8 +55,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
+        # ranks wait for each other at the end of a rollout; long DAPO responses make those waits minutes long,
+        # so the timeout is generous (NCCL's default is 10 minutes)
         dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
-                                device_id=dev if device == "cuda" else None)
+                                device_id=dev if device == "cuda" else None, timeout=datetime.timedelta(hours=2))
     return DistInfo(rank, world, local, dev)
 
 
@@ -81,12 +84,14 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def all_reduce(values, op: str = "sum", device=None) -> torch.Tensor:
-    """Sum/max/min of a number or list of numbers over ranks (returns a float64 CPU tensor)."""
+def all_reduce(values, op: str = "sum") -> torch.Tensor:
+    """Sum/max/min of a number or list of numbers over ranks (returns a float64 CPU tensor).
+    NCCL reduces only CUDA tensors; note that vLLM on CUDA creates a (1-rank) NCCL group even in a
+    single-process run, so this goes through the GPU whenever the default group is NCCL."""
     t = torch.as_tensor(values, dtype=torch.float64)
     if dist.is_initialized():
-        backend_dev = device if device is not None and dist.get_backend() == "nccl" else torch.device("cpu")
-        t = t.to(backend_dev)
+        if "nccl" in dist.get_backend():
+            t = t.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t.cpu()
 
@@ -182,7 +187,9 @@ def shard_model(lm: nn.Module, info: DistInfo, mode: str = "fsdp", *, bf16: bool
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for layer in lm.model.layers:
         fully_shard(layer, mp_policy=mp)
-    fully_shard(root, mp_policy=mp)
+    # the root's own params (embeddings, lm_head, final norm) stay gathered after forward by default, for the
+    # backward that follows; a frozen model has no backward, so reshard them at once
+    fully_shard(root, mp_policy=mp, reshard_after_forward=None if requires_grad else True)
     return root
 
 

@@ -72,7 +72,7 @@ class HFEngine:
     def __init__(self, model, tokenizer, info: DistInfo, *, batch_size: int = 256):
         self.tokenizer, self.info, self.batch_size = tokenizer, info, batch_size
         self.stop_ids = stop_token_ids(tokenizer)
-        self.dp_rank, self.dp_size, self.tp_rank = info.rank, info.world_size, 0
+        self.dp_rank, self.dp_size, self.tp_rank, self.tp = info.rank, info.world_size, 0, 1
         self.lm = None
         self.sync_weights(model)
 
@@ -84,7 +84,10 @@ class HFEngine:
         if self.lm is None or self.lm is lm:
             import copy
             from transformers import AutoModelForCausalLM
-            self.lm = AutoModelForCausalLM.from_config(copy.deepcopy(lm.config), dtype=torch.float32).to(self.info.device)
+            # built on the device (not on the host, then moved), in bf16 on GPU as vLLM samples there
+            dtype = torch.bfloat16 if self.info.device.type == "cuda" else torch.float32
+            with torch.device(self.info.device):
+                self.lm = AutoModelForCausalLM.from_config(copy.deepcopy(lm.config), dtype=dtype)
             self.lm.generation_config = lm.generation_config
             self.lm.eval().requires_grad_(False)
         params = dict(self.lm.named_parameters())
@@ -110,18 +113,19 @@ class HFEngine:
                 input_ids[r, width - len(ids):] = torch.tensor(ids)
                 attn[r, width - len(ids):] = 1
             torch.manual_seed(seeds[chunk[0][0]])          # one RNG stream per batch, from its first prompt
+            law = _SampledLogprobs(temperature, top_p)      # temperature and top-p are applied there, not by generate
             res = lm.generate(input_ids=input_ids.to(self.info.device), attention_mask=attn.to(self.info.device),
-                              do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                              do_sample=True, logits_processor=[law], **_PLAIN_SAMPLING,
                               max_new_tokens=max_tokens, eos_token_id=self.stop_ids, pad_token_id=tok.pad_token_id,
-                              output_scores=True, return_dict_in_generate=True, use_cache=True)
-            seqs = res.sequences[:, width:].cpu()
-            # scores are the processed logits (after temperature / top-p): log_softmax gives the sampled law
-            logps = torch.stack([torch.log_softmax(s.float(), -1) for s in res.scores], 1).cpu()
+                              return_dict_in_generate=True, use_cache=True)
+            seqs = res.sequences[:, width:]
+            logps = law.finish(seqs[:, -1])                # [rows, steps]: log p(sampled token)
+            seqs = seqs.cpu()
             for r, (i, ids) in enumerate(chunk):
                 resp, lps, reason = [], [], "length"
                 for t, token in enumerate(seqs[r].tolist()):
                     resp.append(token)
-                    lps.append(float(logps[r, t, token]))
+                    lps.append(float(logps[r, t]))
                     if token in self.stop_ids:
                         reason = "stop"
                         break
@@ -134,6 +138,41 @@ class HFEngine:
 
     def close(self):
         self.lm = None
+
+
+# generate() fills every sampling option not given here from the checkpoint's generation_config.json (an
+# instruct model's says top_k 20, min_p 0, temperature 0.6 ...): all off, so the law sampled from is exactly
+# softmax(logits / T) within the top-p nucleus, as _SampledLogprobs applies it and as vLLM samples.
+_PLAIN_SAMPLING = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=None, typical_p=1.0, top_h=None, epsilon_cutoff=0.0,
+                       eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=None,
+                       min_length=0, watermarking_config=None)
+
+
+class _SampledLogprobs:
+    """The last logits processor before HF's sampler (generate gets temperature 1 and no top-p, so none of its
+    own warpers follow): applies temperature and top-p, and keeps only the log-prob of each sampled token, read
+    at the next step from that step's input_ids. generate's own `output_scores` would keep a [rows, vocab]
+    tensor per step instead (at 256 rows x 151,936 that is 155 MB per generated token)."""
+
+    def __init__(self, temperature: float, top_p: float):
+        self.temperature, self.top_p, self.prev, self.picked = temperature, top_p, None, []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.picked.append(self.prev.gather(1, input_ids[:, -1:])[:, 0])
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:           # nucleus: the most likely tokens until their mass reaches top_p
+            top, order = scores.sort(-1, descending=True)
+            probs = top.softmax(-1)
+            top = top.masked_fill(probs.cumsum(-1) - probs > self.top_p, float("-inf"))
+            scores = torch.empty_like(scores).scatter_(1, order, top)
+        self.prev = torch.log_softmax(scores, -1)
+        return scores
+
+    def finish(self, last_tokens):
+        self.picked.append(self.prev.gather(1, last_tokens[:, None])[:, 0])
+        self.prev = None
+        return torch.stack(self.picked, 1).cpu()
 
 
 class VLLMEngine:
@@ -174,8 +213,9 @@ class VLLMEngine:
     def generate(self, prompts: list[str], *, n: int, temperature: float, top_p: float = 1.0,
                  max_tokens: int, seeds: list[int]) -> list[list[Sample]]:
         from vllm import SamplingParams
-        if self.asleep:
-            self._wake()
+        if self.asleep:       # level 2 discarded the weights; waking would sample from whatever the memory holds
+            raise RuntimeError("vLLM is asleep (sleep level 2 dropped its weights): call sync_weights(model) "
+                               "before generate")
         tok = self.tokenizer
         prompt_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
         # one seed per request: a prompt's samples do not depend on which rank drew it or what else is in
@@ -207,10 +247,6 @@ class VLLMEngine:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         self.llm.reset_prefix_cache()
-
-    def _wake(self):
-        self.llm.wake_up()
-        self.asleep = False
 
     def close(self):
         """Tear vLLM's parallel groups down while the process group they live in still exists (at exit they

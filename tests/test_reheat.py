@@ -136,16 +136,19 @@ def test_jsd_runs_one_step(tiny_warm, tmp_path):
 def test_torchrun_fsdp2_matches_one_process_and_vllm_reads_the_reheated_checkpoint(reheat_up, tiny_warm, tmp_path):
     """Start from reheat_up's output (so vLLM loads and samples from a checkpoint this script wrote), frozen
     teacher, one step, with vLLM: its per-position seeds give 2 processes the same samples as 1, and the loss
-    is a mean over all tokens of all ranks, so the first-step metrics (incl. grad_norm) agree."""
+    is a mean over all tokens of all ranks, so the first-step metrics (incl. grad_norm) agree. Also with one
+    vLLM engine split over the 2 ranks (--vllm-tp 2): both ranks hold the same samples and train on half each."""
     pytest.importorskip("vllm")
     ckpt = os.path.join(reheat_up, "final")
-    for name, nproc in (("one", 1), ("two", 2)):
+    for name, nproc, extra in (("one", 1, []), ("two", 2, []), ("tp2", 2, ["--vllm-tp", 2])):
         run_script("reheat_tsopsd.py", reheat_args(ckpt, tiny_warm["train"], str(tmp_path), name, "--tau", 1.5,
-                                                   steps=1, engine="vllm"), nproc=nproc)
-    one, two = check_rows(os.path.join(tmp_path, "one"), 1)[0], check_rows(os.path.join(tmp_path, "two"), 1)[0]
-    assert one["rollout/response_len_mean"] > 0
-    for k in COMPARED:
-        assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), f"{k}: 2 processes {two[k]} vs 1 process {one[k]}"
+                                                   *extra, steps=1, engine="vllm"), nproc=nproc)
+    one = check_rows(os.path.join(tmp_path, "one"), 1)[0]
+    assert one["rollout/response_len_mean"] > 0 and one["train/tokens"] > 0
+    for name in ("two", "tp2"):
+        row = check_rows(os.path.join(tmp_path, name), 1)[0]
+        for k in COMPARED:
+            assert row[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), f"{name}: {k}: {row[k]} vs 1 process {one[k]}"
 
 
 @pytest.mark.slow

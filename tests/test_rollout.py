@@ -1,4 +1,6 @@
 """Rollout engines: shapes of the output, stop tokens, and the log-probs they report vs the trainer's."""
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -9,10 +11,20 @@ from common.rollout import HFEngine, stop_token_ids
 PROMPTS = ["What is 3+22?\n", "What is 51-7+9?\n"]
 
 
-def trainer_logprobs(lm, sample, temperature):
+def trainer_logprobs(lm, sample, temperature, top_p=1.0):
+    """float64 log-probs of the sample's tokens under softmax(logits / T), restricted to the top-p nucleus."""
     ids = torch.tensor([sample.prompt_ids + sample.response_ids])
     with torch.no_grad():
         logits = lm(ids).logits[0, len(sample.prompt_ids) - 1:-1].double() / temperature
+    if top_p < 1.0:
+        for row in logits:                          # plain loop: keep the likeliest tokens until mass >= top_p
+            probs = row.softmax(-1)
+            mass, keep = 0.0, torch.zeros_like(row, dtype=torch.bool)
+            for j in probs.argsort(descending=True).tolist():
+                if mass >= top_p:
+                    break
+                keep[j], mass = True, mass + probs[j].item()
+            row[~keep] = -math.inf
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(sample.response_ids)[:, None])[:, 0]
 
 
@@ -33,18 +45,32 @@ def test_stop_tokens_cover_both_qwen_endings(tiny):
     assert set(stop_token_ids(tok)) == {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
 
 
-@pytest.mark.parametrize("temperature", [1.0, 1.7])
-def test_hf_engine_logprobs_match_trainer(tiny, temperature):
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (1.7, 1.0), (1.3, 0.7)])
+def test_hf_engine_logprobs_match_trainer(tiny, temperature, top_p, monkeypatch):
+    """The HF engine's per-token log-probs are those of the law it sampled from (temperature, then the top-p
+    nucleus), computed in float64 from the trainer's logits; fixed seeds give the same samples again."""
     tok = AutoTokenizer.from_pretrained(tiny["model"])
     lm = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    # sampling defaults a checkpoint may carry (Qwen3's instruct models do): none of them may reach the sampler
+    cfg = lm.generation_config
+    cfg.temperature, cfg.top_k, cfg.min_p, cfg.typical_p, cfg.repetition_penalty = 0.6, 20, 0.2, 0.5, 1.3
+    built, build = [], lm._get_logits_processor
+
+    def spy(*args, **kwargs):                         # the processors generate() runs before sampling
+        procs = build(*args, **kwargs)
+        built.append([type(p).__name__ for p in procs])
+        return procs
+    monkeypatch.setattr(lm, "_get_logits_processor", spy)
     engine = HFEngine(shard_model(lm, DistInfo(), "none"), tok, DistInfo(), batch_size=5)
-    groups = engine.generate(PROMPTS, n=3, temperature=temperature, max_tokens=16, seeds=[1, 2])
+    groups = engine.generate(PROMPTS, n=3, temperature=temperature, top_p=top_p, max_tokens=16, seeds=[1, 2])
+    assert built and all(b == ["_SampledLogprobs"] for b in built), built
     check_samples(groups, tok, 3, 16)
     for g in groups:
         for s in g:
-            torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64),
-                                       trainer_logprobs(lm, s, temperature), atol=1e-4, rtol=0)
-    again = engine.generate(PROMPTS, n=3, temperature=temperature, max_tokens=16, seeds=[1, 2])
+            ref = trainer_logprobs(lm, s, temperature, top_p)
+            assert torch.isfinite(ref).all()            # every sampled token is inside the nucleus
+            torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64), ref, atol=1e-4, rtol=0)
+    again = engine.generate(PROMPTS, n=3, temperature=temperature, top_p=top_p, max_tokens=16, seeds=[1, 2])
     assert [[s.response_ids for s in g] for g in again] == [[s.response_ids for s in g] for g in groups]
 
 
@@ -113,8 +139,9 @@ class _FakeLLM:
 def test_vllm_sleep_wake_sequence(tiny, monkeypatch, device, sleep):
     """--vllm-sleep on CUDA: sleep(level=2) after the rollout; the sync wakes the weights alone, reloads them
     (the KV cache still asleep, so the gathered weights have room), then wakes the KV cache and drops the
-    prefix cache; a generate on a sleeping engine wakes everything first. Off, or on CPU (where vLLM has no
-    sleep mode), nothing sleeps, and on CPU the tied lm_head is repacked after each reload."""
+    prefix cache; a generate on a sleeping engine (weights dropped, not yet synced) is an error. Off, or on
+    CPU (where vLLM has no sleep mode), nothing sleeps, and on CPU the tied lm_head is repacked after each
+    reload."""
     vllm = pytest.importorskip("vllm")
     from common.rollout import VLLMEngine
     monkeypatch.setattr(vllm, "LLM", _FakeLLM)
@@ -130,12 +157,14 @@ def test_vllm_sleep_wake_sequence(tiny, monkeypatch, device, sleep):
         engine.sleep()
         engine.sync_weights(model)
     engine.sleep()
-    engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=4, seeds=[0, 1])   # no sync in between
-    if on:
+    if on:                                           # level 2 dropped the weights: a generate without a sync
+        with pytest.raises(RuntimeError, match="call sync_weights"):
+            engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=4, seeds=[0, 1])
         step = [("generate", 2), ("sleep", 2), ("wake_up", ("weights",)), ("reload_weights", n, ("kv_cache",)),
                 ("wake_up", ("kv_cache",)), ("reset_prefix_cache",)]
-        tail = [("sleep", 2), ("wake_up", None), ("generate", 2)]
+        tail = [("sleep", 2)]
     else:
+        engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=4, seeds=[0, 1])
         step = [("generate", 2), ("reload_weights", n, ())] + [("rpc", "_repack_tied_lm_head")] * (device == "cpu") + \
                [("reset_prefix_cache",)]
         tail = [("generate", 2)]
