@@ -172,7 +172,9 @@ def main(argv=None):
                               bf16=args.bf16, requires_grad=False)
         teacher.eval()
         head_name = "model.embed_tokens.weight" if unwrap(teacher).config.tie_word_embeddings else "lm_head.weight"
-        teacher_weight = next(t for name, t in full_params(teacher, names={head_name})).to(info.device)
+        bf16 = args.bf16 if args.bf16 is not None else info.device.type == "cuda"    # shard_model's default
+        teacher_weight = next(t for name, t in full_params(teacher, names={head_name})).to(
+            info.device, torch.bfloat16 if bf16 else torch.float32)                    # the compute dtype, once
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start_step, cursor = 0, 0
     if args.resume:

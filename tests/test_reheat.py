@@ -133,6 +133,20 @@ def test_jsd_runs_one_step(tiny_warm, tmp_path):
 
 
 @pytest.mark.slow
+def test_bf16_step_is_close_to_fp32(reheat_up, tiny_warm, tmp_path):
+    """--bf16 (the GPU default) on CPU, one process: the student under bf16 autocast, the frozen teacher's head
+    held in bf16; the first step's samples are reheat_up's (same seeds, HF engine on the same weights: the
+    student's fp32 master weights sample) and its statistics move by bf16 rounding only."""
+    run_script("reheat_tsopsd.py", reheat_args(tiny_warm["model"], tiny_warm["train"], str(tmp_path), "bf16",
+                                               "--tau", 2, "--bf16", steps=1))
+    row, ref = check_rows(os.path.join(tmp_path, "bf16"), 1)[0], metrics(reheat_up)[0]
+    assert row["train/tokens"] == ref["train/tokens"] and row["rollout/accuracy"] == ref["rollout/accuracy"]
+    for k in ("reheat/student_entropy", "reheat/teacher_entropy", "reheat/divergence", "train/grad_norm"):
+        assert row[k] == pytest.approx(ref[k], rel=0.01), f"{k}: bf16 {row[k]} vs fp32 {ref[k]}"   # seen: < 0.3%
+    assert row["reheat/divergence"] != ref["reheat/divergence"]          # it did compute in bf16
+
+
+@pytest.mark.slow
 def test_torchrun_fsdp2_matches_one_process_and_vllm_reads_the_reheated_checkpoint(reheat_up, tiny_warm, tmp_path):
     """Start from reheat_up's output (so vLLM loads and samples from a checkpoint this script wrote), frozen
     teacher, one step, with vLLM: its per-position seeds give 2 processes the same samples as 1, and the loss
