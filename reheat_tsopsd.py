@@ -44,7 +44,7 @@ from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoin
 from common.cli import arg, parse_args, with_resumed_config
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
 from common.dist import (all_reduce, cleanup_distributed, derive_seed, full_params, init_distributed, print0,
-                         resolve_model_path, seed_everything, shard_model, unwrap)
+                         resolve_model_path, seed_everything, shard_model, unwrap, use_bf16)
 from common.grading import extract_answer, grade_batch
 from common.losses import DIVERGENCES, fused_linear_kl
 from common.rollout import make_engine, pack_sequences
@@ -172,9 +172,8 @@ def main(argv=None):
                               bf16=args.bf16, requires_grad=False)
         teacher.eval()
         head_name = "model.embed_tokens.weight" if unwrap(teacher).config.tie_word_embeddings else "lm_head.weight"
-        bf16 = args.bf16 if args.bf16 is not None else info.device.type == "cuda"    # shard_model's default
         teacher_weight = next(t for name, t in full_params(teacher, names={head_name})).to(
-            info.device, torch.bfloat16 if bf16 else torch.float32)                    # the compute dtype, once
+            info.device, torch.bfloat16 if use_bf16(info, args.bf16) else torch.float32)   # the compute dtype, once
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start_step, cursor = 0, 0
     if args.resume:

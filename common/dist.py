@@ -157,6 +157,11 @@ class LMWithHead(nn.Module):
         return head(hidden, weight)
 
 
+def use_bf16(info: DistInfo, bf16: bool | None) -> bool:
+    """The --bf16 flag resolved: as given, else on for CUDA and off for CPU."""
+    return info.device.type == "cuda" if bf16 is None else bf16
+
+
 def shard_model(lm: nn.Module, info: DistInfo, mode: str = "fsdp", *, bf16: bool | None = None,
                 activation_checkpointing: bool = False, requires_grad: bool = True) -> nn.Module:
     """Wrap a HF causal LM in LMWithHead and shard it. mode: fsdp | ddp | none ("none" for one process).
@@ -167,8 +172,7 @@ def shard_model(lm: nn.Module, info: DistInfo, mode: str = "fsdp", *, bf16: bool
     """
     if mode not in ("fsdp", "ddp", "none"):
         raise ValueError(f"--sharding must be fsdp, ddp or none, got {mode!r}")
-    if bf16 is None:
-        bf16 = info.device.type == "cuda"
+    bf16 = use_bf16(info, bf16)
     lm.to(info.device)
     if activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
