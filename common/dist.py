@@ -139,7 +139,10 @@ def resolve_model_path(path: str) -> str:
 class LMWithHead(nn.Module):
     """The training root: decoder forward + a head computed inside forward (see module docstring).
 
-    forward(input_ids, attention_mask, head) returns head(hidden [B, T, H], lm_head_weight [V, H]).
+    forward(input_ids, attention_mask, head, position_ids) returns head(hidden [B, T, H], lm_head_weight [V, H]).
+    Padding-free packed micro-batches (common/batching.py) pass one row [1, T] with `position_ids` that
+    restart at 0 for each sequence and no attention_mask: transformers then confines attention to each
+    sequence (a block-diagonal mask with sdpa/eager, variable-length kernels with flash/flex attention).
     With tied embeddings lm_head.weight IS embed_tokens.weight (one Parameter), as in Qwen3-4B.
     """
 
@@ -148,9 +151,11 @@ class LMWithHead(nn.Module):
         self.lm = lm
         self.autocast_bf16 = autocast_bf16   # bf16 compute without FSDP2 (one GPU, DDP); master weights fp32
 
-    def forward(self, input_ids, attention_mask=None, head=None):
+    def forward(self, input_ids, attention_mask=None, head=None, position_ids=None):
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-            hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            # use_cache=False: with a KV cache transformers skips the packed-sequence detection
+            hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state
         weight = self.lm.lm_head.weight
         if self.autocast_bf16:        # the chunked heads take one dtype for both (their math is fp32 inside)
             hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
@@ -173,7 +178,8 @@ def shard_model(lm: nn.Module, info: DistInfo, mode: str = "fsdp", *, bf16: bool
     if mode not in ("fsdp", "ddp", "none"):
         raise ValueError(f"--sharding must be fsdp, ddp or none, got {mode!r}")
     bf16 = use_bf16(info, bf16)
-    lm.to(info.device)
+    if not any(p.is_meta for p in lm.parameters()):    # a meta-device model is materialised after sharding
+        lm.to(info.device)
     if activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False

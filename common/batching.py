@@ -1,0 +1,108 @@
+"""Token-budget micro-batches, padding-free: what a training forward/backward actually computes on.
+
+DAPO's responses run from a few tokens to 20,480, so a fixed number of sequences per micro-batch is either
+wasteful (short ones) or far over memory (long ones), and right-padding to the longest computes, stores and
+attends over padding. Instead (as verl's dynamic batch size and sequence balancing, TRL's padding-free
+collator do):
+
+- `plan_micro_batches(lengths, budget, world)`: the sequences of ONE global mini-batch are dealt to the ranks
+  so that each rank gets about the same number of tokens (longest first, each to the least loaded rank), and
+  each rank's share is cut into micro-batches of at most `budget` tokens (a longer sequence alone). Every rank
+  then runs the same number of micro-batches (FSDP/DDP collectives run per forward/backward): a rank with
+  fewer runs empty ones (`None`), a one-token dummy forward whose loss is multiplied by 0. The plan is a pure
+  function of the global lengths, so every rank computes the same plan without talking to the others.
+- `pack_padding_free(seqs)`: the sequences of a micro-batch concatenated in ONE row [1, T] with position ids
+  that restart at 0 for each sequence and no attention mask; transformers reads the restarts from
+  `position_ids` and confines attention to each sequence (a block-diagonal mask under sdpa/eager, on CPU and
+  in the tests; flash-attention's varlen kernel or flex_attention's block mask on GPU, see
+  `attention_implementation`). Computed tokens = real tokens, and no [B, 1, T, T] padding mask.
+
+The loss math does not depend on any of this: every loss is a sum over tokens divided by the global token
+count of the mini-batch, so the partition into ranks and micro-batches changes only the order of the sums.
+"""
+import torch
+
+
+def plan_micro_batches(lengths: list[int], budget: int, world_size: int) -> list[list[list[int] | None]]:
+    """Per rank, its micro-batches as lists of indices into `lengths`; `None` marks an empty micro-batch.
+
+    lengths: tokens of each sequence of one global mini-batch (prompt + response), in a fixed order.
+    budget: at most this many tokens per micro-batch (a sequence longer than that is a micro-batch alone).
+    Deterministic in its inputs: ties are broken by index, so every rank derives the same plan.
+    """
+    if budget <= 0:
+        raise ValueError(f"micro-batch token budget must be positive, got {budget}")
+    # 1. deal sequences to ranks, longest first, each to the rank with the fewest tokens so far (LPT)
+    load = [0] * world_size
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], len(shares[r]), r))
+        shares[r].append(i)
+        load[r] += lengths[i]
+    # 2. each rank's share into micro-batches of <= budget tokens: first fit, longest first
+    plan = []
+    for share in shares:
+        bins, room = [], []
+        for i in share:                                   # already longest first
+            for b in range(len(bins)):
+                if lengths[i] <= room[b]:
+                    bins[b].append(i)
+                    room[b] -= lengths[i]
+                    break
+            else:
+                bins.append([i])
+                room.append(budget - lengths[i])
+        plan.append([sorted(b) for b in bins])            # stream order inside a micro-batch
+    # 3. the same number of micro-batches on every rank
+    n = max((len(p) for p in plan), default=0)
+    return [p + [None] * (n - len(p)) for p in plan]
+
+
+def pack_padding_free(seqs: list[tuple[list[int], list[int]]], device):
+    """(prompt_ids, response_ids) pairs -> one packed row: input_ids [1, T], position_ids [1, T] (0.. per
+    sequence), the mask of positions whose NEXT token is a response token [1, T] (the positions a loss reads),
+    and targets [1, T] (the next token inside the same sequence). T = sum of the sequences' lengths.
+
+    An empty list gives the dummy micro-batch: one token, no loss position (callers multiply its loss by 0)."""
+    if not seqs:
+        seqs, dummy = [([0], [])], True
+    else:
+        dummy = False
+    ids, pos, pred = [], [], []
+    for p, r in seqs:
+        n = len(p) + len(r)
+        ids += p + r
+        pos += list(range(n))
+        pred += [False] * (len(p) - 1) + [True] * len(r) + [False]      # the state at t predicts token t+1
+    ids = torch.tensor([ids], dtype=torch.long)
+    pred = torch.tensor([pred], dtype=torch.bool)
+    if dummy:
+        pred[:] = False
+    targets = torch.roll(ids, -1, dims=1)               # read only where pred: always inside one sequence
+    return (ids.to(device), torch.tensor([pos], dtype=torch.long).to(device), pred.to(device), targets.to(device))
+
+
+def attention_implementation(device_type: str) -> str:
+    """The attention kernel for packed rows: flash-attention's varlen kernel when the package is installed on
+    CUDA, else flex_attention (block-sparse mask built from the sequence ids) on CUDA, else sdpa (CPU: the
+    block-diagonal mask is materialised, fine at test sizes)."""
+    if device_type != "cuda":
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+        return "flash_attention_2"
+    except ImportError:
+        return "flex_attention"
+
+
+def padded_vs_packed_tokens(lengths: list[int], micro_batch_size: int, budget: int, world_size: int = 1) -> dict:
+    """Computed tokens per real token of one mini-batch: right-padded micro-batches of `micro_batch_size`
+    sequences in stream order (the old path) vs the packed plan above (padding only in the dummy rows)."""
+    real = sum(lengths)
+    padded = sum(max(lengths[i:i + micro_batch_size]) * len(lengths[i:i + micro_batch_size])
+                 for i in range(0, len(lengths), micro_batch_size))
+    plan = plan_micro_batches(lengths, budget, world_size)
+    packed = sum(sum(lengths[i] for i in mb) if mb is not None else 1 for p in plan for mb in p)
+    return {"real_tokens": real, "padded_computed": padded, "packed_computed": packed,
+            "padded_ratio": padded / max(real, 1), "packed_ratio": packed / max(real, 1),
+            "micro_batches_per_rank": len(plan[0]) if plan else 0}
