@@ -40,14 +40,15 @@ import time
 import torch
 from tqdm import tqdm
 
+from common.batching import pack_padding_free, plan_micro_batches
 from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
 from common.cli import arg, parse_args, with_resumed_config
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
-from common.dist import (all_reduce, cleanup_distributed, derive_seed, full_params, init_distributed, print0,
-                         resolve_model_path, seed_everything, shard_model, unwrap, use_bf16)
+from common.dist import (all_reduce, check_sharding, cleanup_distributed, derive_seed, full_params, init_distributed,
+                         print0, resolve_model_path, seed_everything, shard_model, unwrap, use_bf16)
 from common.grading import extract_answer, grade_batch
 from common.losses import DIVERGENCES, fused_linear_kl
-from common.rollout import make_engine, pack_sequences
+from common.rollout import make_engine
 from common.runlog import MetricsLogger, make_run_dir
 from common.stats import distinct_count
 
@@ -82,12 +83,15 @@ class Args:
     vllm_sleep: bool = arg(True, "free vLLM's GPU memory during training (CUDA only)", group="data and rollout")
     hf_batch_size: int = arg(256, "sequences per generate call with the HF engine", group="data and rollout")
     grade_workers: int | None = arg(None, "grading processes for the accuracy monitor (0: inline)", group="data and rollout")
+    grade_truncated: bool = arg(False, "the accuracy monitor grades responses cut at --max-response-len on their text "
+                                "(default: they count as wrong, as in rl_dapo.py)", group="data and rollout")
     # optimizer
     lr: float = arg(2e-6, "AdamW learning rate (the paper's RL rate; reheating converges in tens of steps)", group="optimizer")
     warmup_steps: int = arg(0, "linear warmup steps", group="optimizer")
     weight_decay: float = arg(0.0, "AdamW weight decay (0: only the distillation moves the weights)", group="optimizer")
     grad_clip: float = arg(1.0, "global gradient-norm clip", group="optimizer")
-    micro_batch_size: int = arg(8, "sequences per forward/backward", group="optimizer")
+    micro_batch_tokens: int = arg(32768, "tokens (prompt + response) per padding-free forward/backward; a longer "
+                                  "sequence runs alone (memory knob; does not change the math)", group="optimizer")
     chunk_size: int = arg(1024, "tokens per chunk of the fused KL head", group="optimizer")
     compile: bool = arg(True, "torch.compile the per-chunk KL math (eager twin otherwise)", group="optimizer")
     # systems and run
@@ -119,7 +123,7 @@ def check_args(a: Args):
                          "at its minimum (0) and nothing would change. Use tau > 1 to reheat (or < 1 to sharpen).")
     if a.divergence == "jsd" and not 0 < a.beta < 1:
         raise SystemExit(f"--beta must be in (0, 1) for jsd, got {a.beta}")
-    for name in ("steps", "group_size", "prompts_per_step", "max_response_len", "micro_batch_size", "chunk_size"):
+    for name in ("steps", "group_size", "prompts_per_step", "max_response_len", "micro_batch_tokens", "chunk_size"):
         if getattr(a, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
 
@@ -147,6 +151,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- setup
     info = init_distributed(args.device)
+    check_sharding(args.sharding, info)
     seed_everything(derive_seed(args.seed, info.rank))
     ckpt = resolve_model_path(args.ckpt)
     try:                                                # before the run directory: a typo leaves no empty run
@@ -197,10 +202,10 @@ def main(argv=None):
            f"world={info.world_size} problems={len(problems)}")
 
     # ------------------------------------------------------------------------- loss: the self-distillation head
-    def teacher_hidden(ids, attn, pred):
+    def teacher_hidden(ids, pos, pred):
         """Frozen theta_0's final hidden states at the response positions, [N, H] (no grad)."""
         with torch.no_grad():
-            return teacher(ids, attention_mask=attn, head=lambda h, w: h[pred].detach().clone())
+            return teacher(ids, position_ids=pos, head=lambda h, w: h[pred].detach().clone())
 
     def kl_head(pred, t_hidden, scale):
         """Inside the student's forward: D(p_student || softmax(z_teacher / tau)) over the full vocabulary."""
@@ -243,13 +248,16 @@ def main(argv=None):
         correct = grade_batch([s.text for g in groups for s in g], [p.answer for p, g in zip(batch, groups) for _ in g],
                               is_choice=[p.is_choice for p, g in zip(batch, groups) for _ in g],
                               num_workers=args.grade_workers)
+        correct = [0.0 if s.finish_reason == "length" and not args.grade_truncated else c      # as rl_dapo.py
+                   for c, s in zip(correct, (s for g in groups for s in g))]
         distinct = [distinct_count([extract_answer(s.text) for s in g]) for g in groups]
         m["time/grading"] = time.time() - t0
         # the ranks of a vLLM tensor-parallel group hold the same samples: each trains on its share of them
         seqs = [(s.prompt_ids, s.response_ids) for g in groups for s in g][engine.tp_rank::engine.tp]
-        if info.world_size > 1:           # equal micro-batch counts on every rank (FSDP collectives)
-            n_seq = int(all_reduce(len(seqs), "min").item())
-            seqs = seqs[:n_seq]
+        # this rank's own samples in token-budget micro-batches, padded with dummies (None) to the largest count
+        # over ranks (FSDP's collectives); a one-rank plan of common/batching.py
+        micro = plan_micro_batches([len(p) + len(r) for p, r in seqs], args.micro_batch_tokens, 1)[0]
+        micro += [None] * (int(all_reduce(len(micro), "max").item()) - len(micro))
 
         # ---- 2-4: self-distillation update
         t0 = time.time()
@@ -257,21 +265,22 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         names = ("student_entropy", "teacher_entropy", "divergence", "top1_agree")
         sums = torch.zeros(len(names), dtype=torch.float64, device=info.device)   # one host sync per step
-        for i in range(0, len(seqs), args.micro_batch_size):
-            part = seqs[i:i + args.micro_batch_size]
-            ids, attn, pred, _ = pack_sequences(part, tokenizer.pad_token_id, info.device)
-            t_h = teacher_hidden(ids, attn, pred) if teacher is not None else None
-            n_tok = int(pred.sum())
+        for part in micro:
+            ids, pos, pred, _ = pack_padding_free([seqs[i] for i in part or []], info.device)   # [1, T] packed
+            t_h = teacher_hidden(ids, pos, pred) if teacher is not None else None
+            n_tok = int(pred.sum()) if part is not None else 0            # a dummy adds 0 to the loss and the stats
             # fused_linear_kl is a mean over this micro-batch; re-weight to the mean over all tokens of all ranks
-            loss, stats = student(ids, attention_mask=attn, head=kl_head(pred, t_h, n_tok / n_tok_global * info.world_size))
+            loss, stats = student(ids, position_ids=pos,
+                                  head=kl_head(pred, t_h, n_tok / max(n_tok_global, 1) * info.world_size))
             loss.backward()
-            sums += torch.stack([stats[k].double().sum() for k in names]).to(sums.device)
+            sums += torch.stack([stats[k].double().sum() for k in names]).to(sums.device) * (part is not None)
         gn = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
         gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
         if torch.isfinite(gn):
             optimizer.step()
         else:
             print0(f"[reheat_tsopsd] step {step}: non-finite gradient norm; update skipped")
+        optimizer.zero_grad(set_to_none=True)           # no gradients held while vLLM wakes up for the next rollout
         m["time/update"] = time.time() - t0
         t0 = time.time()
         engine.sync_weights(student)

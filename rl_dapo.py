@@ -33,15 +33,16 @@ import time
 import torch
 from tqdm import tqdm
 
+from common.batching import pack_padding_free, plan_micro_batches
 from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
 from common.cli import arg, parse_args, with_resumed_config
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
-from common.dist import (all_gather_objects, all_reduce, check_model_path, cleanup_distributed, derive_seed, init_distributed,
-                         print0, resolve_model_path, seed_everything, shard_model)
+from common.dist import (all_gather_objects, all_reduce, check_model_path, check_sharding, cleanup_distributed, derive_seed,
+                         init_distributed, print0, resolve_model_path, seed_everything, shard_model)
 from common.grading import extract_answer, grade_batch
 from common.losses import chunked_logprob_entropy, entropy_from_hidden
-from common.rollout import make_engine, pack_sequences
-from common.runlog import MetricsLogger, make_run_dir
+from common.rollout import make_engine
+from common.runlog import MetricsLogger, make_run_dir, warn_logprob_mismatch
 from common.stats import distinct_count
 
 
@@ -76,13 +77,17 @@ class Args:
     hf_batch_size: int = arg(256, "sequences per generate call with the HF engine", group="rollout")
     grade_workers: int | None = arg(None, "grading processes (None: a default from the core count; 0: inline)", group="rollout")
     grade_timeout: float = arg(5.0, "seconds per graded response before it counts as wrong", group="rollout")
+    grade_truncated: bool = arg(False, "grade responses cut at --max-response-len on their text (default: they count "
+                                "as wrong, so answering then rambling to the limit earns no reward)", group="rollout")
     # loss
     eps_low: float = arg(0.2, "PPO clip range below 1 (DAPO: 0.2)", group="loss")
     eps_high: float = arg(0.28, "PPO clip range above 1, 'clip-higher' (DAPO: 0.28)", group="loss")
-    dual_clip: float = arg(10.0, "dual-clip bound c for negative advantages (verl: 10; 0 disables)", group="loss")
+    dual_clip: float = arg(10.0, "dual-clip bound c > 1 for negative advantages (DAPO's recipes: 10; verl's default "
+                           "clip_ratio_c: 3; 0 disables)", group="loss")
     tis_cap: float = arg(0.0, "truncated importance sampling for sampler/trainer mismatch: weight min(exp(old-sampler), cap); 0 off (try 2.0)", group="loss")
     ppo_mini_batch: int = arg(32, "prompts per optimizer step; a training step does prompts_per_step / this updates (DAPO: 32)", group="loss")
-    micro_batch_size: int = arg(8, "sequences per forward/backward (memory knob; does not change the math)", group="loss")
+    micro_batch_tokens: int = arg(32768, "tokens (prompt + response) per padding-free forward/backward; a longer "
+                                  "sequence runs alone (memory knob; does not change the math)", group="loss")
     chunk_size: int = arg(1024, "tokens per chunk of the vocabulary-wide log-prob/entropy head", group="loss")
     compile: bool = arg(True, "torch.compile the chunked log-prob/entropy hot path (eager twin otherwise)", group="loss")
     # optimizer
@@ -126,7 +131,7 @@ def check_args(a: Args):
         check_model_path(a.model)
     positive = dict(group_size=a.group_size, prompts_per_step=a.prompts_per_step, gen_batch_prompts=a.gen_batch_prompts,
                     max_gen_batches=a.max_gen_batches, max_response_len=a.max_response_len, ppo_mini_batch=a.ppo_mini_batch,
-                    micro_batch_size=a.micro_batch_size, chunk_size=a.chunk_size, steps=a.steps)
+                    micro_batch_tokens=a.micro_batch_tokens, chunk_size=a.chunk_size, steps=a.steps)
     for name, v in positive.items():
         if v <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -140,6 +145,12 @@ def check_args(a: Args):
         raise SystemExit("--top-p must be in (0, 1]")
     if a.eps_low < 0 or a.eps_high < 0 or a.lr <= 0:
         raise SystemExit("--eps-low, --eps-high must be >= 0 and --lr > 0")
+    if 0 < a.dual_clip <= 1 or a.dual_clip < 0:
+        raise SystemExit(f"--dual-clip must be > 1 (it caps the loss of negative advantages at c x |A|; c <= 1 would "
+                         f"cap the ordinary clipped loss) or 0 to disable, got {a.dual_clip}")
+    if a.prompts_per_step % a.ppo_mini_batch:
+        raise SystemExit(f"--prompts-per-step ({a.prompts_per_step}) must be a multiple of --ppo-mini-batch "
+                         f"({a.ppo_mini_batch}): every optimizer step averages the same number of groups")
 
 
 # ----------------------------------------------------------------------------- rewards and advantages (the science)
@@ -168,8 +179,10 @@ def dapo_token_loss(logp, old_logp, adv, eps_low, eps_high, dual_clip, tis_weigh
 
     ratio r = exp(logp - old); clipped = max(-A r, -A clip(r, 1-eps_low, 1+eps_high)); for A < 0 the loss is
     additionally capped at -A c (dual clip), so a huge ratio on a negative token cannot blow up the update.
+    The log-ratio is clamped to [-20, 20] before exp (as verl): an overflowing ratio would otherwise give inf * 0
+    = NaN gradients through the clipped branch and cost the whole mini-batch.
     """
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
     clipped = torch.maximum(pg1, pg2)
@@ -193,9 +206,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- setup
     info = init_distributed(args.device)
-    if args.ppo_mini_batch % info.world_size or args.prompts_per_step % info.world_size:
-        raise SystemExit(f"--ppo-mini-batch ({args.ppo_mini_batch}) and --prompts-per-step ({args.prompts_per_step}) "
-                         f"must be multiples of the number of processes ({info.world_size})")
+    check_sharding(args.sharding, info)
     seed_everything(derive_seed(args.seed, info.rank))
     model_path = resolve_model_path(args.model)
     try:                                                # before the run directory: a typo leaves no empty run
@@ -251,12 +262,15 @@ def main(argv=None):
         return cycle_problems(train_problems, args.seed, cursor, count)[engine.dp_rank::engine.dp_size], positions
 
     def grade_groups(problems, groups):
-        """Correctness (0/1) per sample, flattened in group order."""
+        """Correctness (0/1) per sample, flattened in group order; a response cut at the length limit is wrong
+        unless --grade-truncated (verl's DAPO scorer reads only its last 300 characters: almost always wrong)."""
         responses = [s.text for g in groups for s in g]
         truths = [p.answer for p, g in zip(problems, groups) for _ in g]
         choice = [p.is_choice for p, g in zip(problems, groups) for _ in g]
-        return grade_batch(responses, truths, is_choice=choice, num_workers=args.grade_workers,
-                           timeout_s=args.grade_timeout)
+        correct = grade_batch(responses, truths, is_choice=choice, num_workers=args.grade_workers,
+                              timeout_s=args.grade_timeout)
+        cut = [s.finish_reason == "length" for g in groups for s in g]
+        return [0.0 if c and not args.grade_truncated else x for x, c in zip(correct, cut)]
 
     # ------------------------------------------------------------------------- loss: forward heads
     T = args.rollout_temperature
@@ -277,9 +291,11 @@ def main(argv=None):
         return head
 
     def forward_logprobs(seqs, grad: bool):
-        ids, attn, pred, targets = pack_sequences(seqs, tokenizer.pad_token_id, info.device)
+        """One padding-free packed micro-batch (common/batching.py) -> (logp, entropy at T, entropy at T=1),
+        each [N] over its response tokens in sequence order. [] runs the one-token dummy forward."""
+        ids, pos, pred, targets = pack_padding_free(seqs, info.device)
         with torch.set_grad_enabled(grad):
-            return model(ids, attention_mask=attn, head=logprob_head(targets[pred], pred, True)), pred
+            return model(ids, position_ids=pos, head=logprob_head(targets[pred], pred, True))
 
     # ------------------------------------------------------------------------- validation
     def validate(step: int) -> dict:
@@ -341,19 +357,13 @@ def main(argv=None):
                 break
         engine.sleep()
 
-        # The batch: the first prompts_per_step kept groups in stream order, whichever rank sampled them. Each
-        # global mini-batch of ppo_mini_batch groups is split evenly over the training ranks, so the ranks run
-        # the same number of forwards (FSDP collectives) and the updates do not depend on the world size.
+        # The batch: the first prompts_per_step kept groups in stream order, whichever rank sampled them, as whole
+        # mini-batches of ppo_mini_batch groups. A step that hit --max-gen-batches short of prompts_per_step trains
+        # on its whole mini-batches only (none if it kept fewer than ppo_mini_batch groups), so every optimizer step
+        # averages the same number of groups; verl raises instead, which ends a long run for one hard batch.
         pool = sorted((g for part in all_gather_objects(kept if engine.tp_rank == 0 else []) for g in part),
                       key=lambda g: g["position"])
-        n_use = min(len(pool), args.prompts_per_step)
-        n_use -= n_use % info.world_size
-        mine, mini_sizes = [], []                     # this rank's groups, and how many fall in each mini-batch
-        for start in range(0, n_use, args.ppo_mini_batch):
-            chunk = pool[start:min(start + args.ppo_mini_batch, n_use)]
-            k = len(chunk) // info.world_size
-            mine += chunk[info.rank * k:(info.rank + 1) * k]
-            mini_sizes.append(k)
+        n_use = min(len(pool), args.prompts_per_step) // args.ppo_mini_batch * args.ppo_mini_batch
         own = engine.tp_rank == 0
         tot = all_reduce([sum(all_acc) * own, len(all_acc) * own, sum(all_len) * own, sum(all_trunc) * own,
                           sum(distinct) * own, groups_seen * own, gen_tokens * own])
@@ -373,56 +383,66 @@ def main(argv=None):
         # ---- 4-5: advantages and the PPO update
         t0 = time.time()
         if n_use == 0:
-            print0(f"[rl_dapo] step {step}: no group with mixed answers after {gen_batches} generation batches; no update")
+            print0(f"[rl_dapo] step {step}: {len(pool)} groups with mixed answers after {gen_batches} generation "
+                   f"batches, fewer than --ppo-mini-batch {args.ppo_mini_batch}; no update")
         else:
-            seqs, advs, sampler_lp = [], [], []
-            for g in mine:
+            seqs, advs, sampler_lp = [], [], []         # the whole batch, on every rank: the plan needs every length
+            for g in pool[:n_use]:
                 adv = group_advantages(torch.tensor([g["scores"]], dtype=torch.float32))[0]
                 for (p_ids, r_ids, lps), a in zip(g["samples"], adv.tolist()):
                     seqs.append((p_ids, r_ids))
                     advs.append(a)
                     sampler_lp.append(lps)
-            n_mini = len(mini_sizes)
-            seq_bounds = [0] + [sum(mini_sizes[:i + 1]) * args.group_size for i in range(n_mini)]
-            # per-step sums kept on the device (one host sync per step, not one per micro-batch):
-            # loss, clip_hi, clip_lo, dual, kl, tokens, entropy, entropy_t1, logprob diff sum, logprob diff max
+            n_mini, per_mini = n_use // args.ppo_mini_batch, args.ppo_mini_batch * args.group_size
+            # plan[mb]: this rank's micro-batches of mini-batch mb, as indices into seqs (None: a dummy forward).
+            # Every rank derives the same plan from the lengths (common/batching.py: token-balanced over ranks,
+            # token-budget micro-batches, the same count on every rank for FSDP's collectives).
+            plan = []
+            for lo in range(0, n_use * args.group_size, per_mini):
+                mine = plan_micro_batches([len(p) + len(r) for p, r in seqs[lo:lo + per_mini]], args.micro_batch_tokens,
+                                          info.world_size)[info.rank]
+                plan.append([[lo + j for j in mb] if mb is not None else None for mb in mine])
+            # per-step sums kept on the device (one host sync per step, not one per micro-batch): loss, clip_hi,
+            # clip_lo, dual, kl, tokens, entropy, entropy_t1 (both of the policy that sampled), logprob diff sum,
+            # logprob diff max
             stats = torch.zeros(10, dtype=torch.float64, device=info.device)
             grad_norms, skipped = [], 0
 
-            old_lp = None
-            if n_mini > 1:                       # off-policy after the first update: keep pre-update log-probs
-                old_lp = []
-                for i in range(0, len(seqs), args.micro_batch_size):
-                    (lp, _, _), _ = forward_logprobs(seqs[i:i + args.micro_batch_size], grad=False)
-                    old_lp.append(lp.float())
-                old_lp = torch.cat(old_lp)
-            offsets = torch.tensor([0] + [len(r) for _, r in seqs]).cumsum(0)
+            old_lp = {}
+            if n_mini > 1:          # off-policy after the first update: pre-update log-probs (and entropies) first
+                for part in (mb for mini in plan for mb in mini):
+                    logp, ent, ent1 = forward_logprobs([seqs[i] for i in part or []], grad=False)
+                    old_lp |= dict(zip(part or [], logp.float().split([len(seqs[i][1]) for i in part or []])))
+                    stats[6:8] += torch.stack([ent.sum(), ent1.sum()]).to(stats) * bool(part)
 
             for mb in range(n_mini):
-                s0, s1 = seq_bounds[mb], seq_bounds[mb + 1]
-                mb_tokens = all_reduce(sum(len(r) for _, r in seqs[s0:s1])).item()
+                mb_tokens = sum(len(r) for _, r in seqs[mb * per_mini:(mb + 1) * per_mini])   # global count
                 optimizer.zero_grad(set_to_none=True)
-                for i in range(s0, s1, args.micro_batch_size):
-                    part = seqs[i:min(i + args.micro_batch_size, s1)]
-                    (logp, ent, ent1), _ = forward_logprobs(part, grad=True)
-                    tok_adv = torch.cat([torch.full((len(r),), advs[i + j]) for j, (_, r) in enumerate(part)]).to(logp.device)
-                    slp = torch.tensor([x for j in range(len(part)) for x in sampler_lp[i + j]], device=logp.device)
-                    old = old_lp[offsets[i]:offsets[i + len(part)]].to(logp.device) if old_lp is not None else logp.detach().float()
+                for part in plan[mb]:
+                    idx, real = part or [], float(part is not None)   # a dummy adds 0 to the loss and the stats
+                    logp, ent, ent1 = forward_logprobs([seqs[i] for i in idx], grad=True)
+                    dev = logp.device
+                    tok_adv = torch.tensor([advs[i] for i in idx for _ in seqs[i][1]] or [0.0], device=dev)
+                    slp = torch.tensor([x for i in idx for x in sampler_lp[i]] or [0.0], device=dev)
+                    old = torch.cat([old_lp[i] for i in idx]).to(dev) if old_lp and idx else logp.detach().float()
                     tis = (old - slp).exp().clamp(max=args.tis_cap) if args.tis_cap > 0 else None
                     loss_tok, c_hi, c_lo, dual = dapo_token_loss(logp.float(), old, tok_adv, args.eps_low, args.eps_high,
                                                                  args.dual_clip, tis)
                     # token-level mean over the whole mini-batch on all ranks; DDP/FSDP average gradients over
                     # ranks, so scale by world size to turn that average back into the global sum / count
-                    loss = loss_tok.sum() / mb_tokens * info.world_size
+                    loss = loss_tok.sum() * real / mb_tokens * info.world_size
                     loss.backward()
                     with torch.no_grad():
-                        ratio = torch.exp(logp.float() - old)
+                        ratio = torch.exp((logp.float() - old).clamp(-20.0, 20.0))
                         diff = (old - slp).abs()
                         first = mb == 0          # before any update: the engine's and the trainer's log-probs
                         parts = [loss_tok.sum(), c_hi.sum(), c_lo.sum(), dual.sum(), ((ratio - 1) - torch.log(ratio)).sum(),
                                  torch.tensor(len(logp)), ent.sum(), ent1.sum(), diff.sum() * first]
-                        stats[:9] += torch.stack([x.to(stats.device, torch.float64) for x in parts])
-                        if first:
+                        parts = torch.stack([x.to(stats.device, torch.float64) for x in parts]) * real
+                        if n_mini > 1:
+                            parts[6:8] = 0       # entropies were taken in the pre-update pass
+                        stats[:9] += parts
+                        if first and real:
                             stats[9] = torch.maximum(stats[9], diff.max().to(stats.device, torch.float64))
                 gn = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
@@ -436,7 +456,7 @@ def main(argv=None):
             stats = stats.tolist()
             tot = all_reduce(stats[:9])
             ntok = max(tot[5].item(), 1)
-            first_mb_tokens = all_reduce(sum(len(r) for _, r in seqs[:seq_bounds[1]])).item()
+            first_mb_tokens = sum(len(r) for _, r in seqs[:per_mini])
             m |= {"train/pg_loss": tot[0].item() / ntok, "train/clip_frac_upper": tot[1].item() / ntok,
                   "train/clip_frac_lower": tot[2].item() / ntok, "train/clip_frac_dual": tot[3].item() / ntok,
                   "train/approx_kl": tot[4].item() / ntok, "train/entropy": tot[6].item() / ntok,
@@ -445,6 +465,8 @@ def main(argv=None):
                   "train/updates_skipped": skipped, "train/tokens": ntok,
                   "rollout/logprob_diff_mean": tot[8].item() / max(first_mb_tokens, 1),
                   "rollout/logprob_diff_max": all_reduce([stats[9]], "max")[0].item()}
+            warn_logprob_mismatch(m["rollout/logprob_diff_mean"], step)
+        optimizer.zero_grad(set_to_none=True)           # no gradients held while vLLM wakes up for the next rollout
         m["time/update"] = time.time() - t0
 
         # ---- 6: weight sync

@@ -9,7 +9,7 @@ collator do):
   so that each rank gets about the same number of tokens (longest first, each to the least loaded rank), and
   each rank's share is cut into micro-batches of at most `budget` tokens (a longer sequence alone). Every rank
   then runs the same number of micro-batches (FSDP/DDP collectives run per forward/backward): a rank with
-  fewer runs empty ones (`None`), a one-token dummy forward whose loss is multiplied by 0. The plan is a pure
+  fewer runs empty ones (`None`), a two-token dummy forward whose loss is multiplied by 0. The plan is a pure
   function of the global lengths, so every rank computes the same plan without talking to the others.
 - `pack_padding_free(seqs)`: the sequences of a micro-batch concatenated in ONE row [1, T] with position ids
   that restart at 0 for each sequence and no attention mask; transformers reads the restarts from
@@ -63,11 +63,9 @@ def pack_padding_free(seqs: list[tuple[list[int], list[int]]], device):
     sequence), the mask of positions whose NEXT token is a response token [1, T] (the positions a loss reads),
     and targets [1, T] (the next token inside the same sequence). T = sum of the sequences' lengths.
 
-    An empty list gives the dummy micro-batch: one token, no loss position (callers multiply its loss by 0)."""
-    if not seqs:
-        seqs, dummy = [([0], [])], True
-    else:
-        dummy = False
+    An empty list gives the dummy micro-batch: two tokens and one loss position, whose loss the caller multiplies
+    by 0 (it still runs the whole model, so the collectives of FSDP/DDP match on every rank)."""
+    seqs = seqs or [([0], [0])]
     ids, pos, pred = [], [], []
     for p, r in seqs:
         n = len(p) + len(r)
@@ -76,8 +74,6 @@ def pack_padding_free(seqs: list[tuple[list[int], list[int]]], device):
         pred += [False] * (len(p) - 1) + [True] * len(r) + [False]      # the state at t predicts token t+1
     ids = torch.tensor([ids], dtype=torch.long)
     pred = torch.tensor([pred], dtype=torch.bool)
-    if dummy:
-        pred[:] = False
     targets = torch.roll(ids, -1, dims=1)               # read only where pred: always inside one sequence
     return (ids.to(device), torch.tensor([pos], dtype=torch.long).to(device), pred.to(device), targets.to(device))
 
@@ -102,7 +98,7 @@ def padded_vs_packed_tokens(lengths: list[int], micro_batch_size: int, budget: i
     padded = sum(max(lengths[i:i + micro_batch_size]) * len(lengths[i:i + micro_batch_size])
                  for i in range(0, len(lengths), micro_batch_size))
     plan = plan_micro_batches(lengths, budget, world_size)
-    packed = sum(sum(lengths[i] for i in mb) if mb is not None else 1 for p in plan for mb in p)
+    packed = sum(sum(lengths[i] for i in mb) if mb is not None else 2 for p in plan for mb in p)
     return {"real_tokens": real, "padded_computed": padded, "packed_computed": packed,
             "padded_ratio": padded / max(real, 1), "packed_ratio": packed / max(real, 1),
             "micro_batches_per_rank": len(plan[0]) if plan else 0}

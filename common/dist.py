@@ -105,6 +105,13 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def check_sharding(mode: str, info: DistInfo):
+    """--sharding none under torchrun would train W independent models, each with W times its gradient."""
+    if mode == "none" and info.world_size > 1:
+        raise SystemExit(f"--sharding none with {info.world_size} processes: there would be no gradient sync (every rank "
+                         f"would train its own model). Use --sharding fsdp or ddp, or run one process.")
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

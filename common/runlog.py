@@ -310,3 +310,21 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+LOGPROB_WARN_NATS = 0.05
+
+
+def warn_logprob_mismatch(diff_mean: float, step: int, threshold: float = LOGPROB_WARN_NATS):
+    """Loud warning when the rollout engine's log-probs of its own samples differ from the trainer's by more than
+    `threshold` nats per token on average (rollout/logprob_diff_mean): the PPO ratios are then off-policy by
+    that much. bf16 on GPU gives ~0.01-0.02; far more means the engine samples from other weights or another
+    law. On GPU, vLLM 0.32 runs its V2 model runner by default when Triton is present, a path CPU CI never
+    runs: the first thing to try is VLLM_USE_V2_MODEL_RUNNER=0."""
+    if diff_mean > threshold:
+        from common.dist import print0
+        print0(f"[warning] step {step}: rollout/logprob_diff_mean = {diff_mean:.3f} nats > {threshold}: the rollout "
+               f"engine's log-probs disagree with the trainer's. On GPU try VLLM_USE_V2_MODEL_RUNNER=0 first; see "
+               f"README.md#troubleshooting. (--tis-cap 2 corrects a small mismatch.)")
+        return True
+    return False

@@ -56,7 +56,7 @@ COMPARED = ["reheat/student_entropy", "reheat/teacher_entropy", "reheat/divergen
 
 def reheat_args(ckpt, data, out, name, *extra, steps=2, engine="hf"):
     args = ["--ckpt", ckpt, "--data", data, "--prompt-style", "plain", "--grade-workers", 0, "--rollout-engine", engine,
-            "--group-size", 4, "--prompts-per-step", 4, "--max-response-len", 24, "--micro-batch-size", 3,
+            "--group-size", 4, "--prompts-per-step", 4, "--max-response-len", 24, "--micro-batch-tokens", 64,
             "--lr", 1e-3, "--no-compile", "--steps", steps, "--out", out, "--run-name", name]
     if engine == "vllm":
         args += ["--vllm-kv-cache-gib", 0.125]

@@ -207,7 +207,7 @@ def test_pack_sequences_masks_exactly_the_response_predictions():
 # ----------------------------------------------------------------------------- end to end
 
 # One step = 4 groups of 4 responses, trained as 2 mini-batches of 2 groups (so the second one is off-policy:
-# old log-probs recomputed, ratios != 1) in micro-batches of 3 sequences (uneven splits). The warm model gets
+# old log-probs recomputed, ratios != 1) in packed micro-batches of at most 64 tokens (2-3 sequences, uneven). The warm model gets
 # ~half its answers right, so 4 of the 8 prompts drawn per generation batch have mixed groups (asserted).
 STEP_METRICS = ["train/lr", "rollout/accuracy", "rollout/reward_mean", "rollout/response_len_mean",
                 "rollout/response_len_max", "rollout/clipped_frac", "rollout/distinct_answers", "rollout/groups_seen",
@@ -226,7 +226,7 @@ def rl_args(warm, out, name, *extra, engine="hf", steps=2):
     args = ["--model", warm["model"], "--data", warm["train"], "--prompt-style", "plain", "--grade-workers", "0",
             "--rollout-engine", engine, "--steps", steps, "--group-size", 4, "--prompts-per-step", 4,
             "--gen-batch-prompts", 8, "--max-gen-batches", 3, "--max-response-len", 24, "--overlong-buffer", 8,
-            "--ppo-mini-batch", 2, "--micro-batch-size", 3, "--lr", 1e-3, "--warmup-steps", 1,
+            "--ppo-mini-batch", 2, "--micro-batch-tokens", 64, "--lr", 1e-3, "--warmup-steps", 1,
             "--out", out, "--run-name", name]
     if engine == "vllm":
         args += ["--vllm-kv-cache-gib", 0.125, "--rollout-temperature", 1.2]
@@ -304,10 +304,12 @@ def test_e2e_vllm_engine(vllm_run):
 
 @pytest.mark.slow
 def test_microbatch_size_and_compile_do_not_change_the_step(hf_run, tiny_warm, tmp_path):
-    """Step 1 again with the whole mini-batch in one micro-batch, and with the compiled head: the same update
-    (a token mean over the mini-batch, whatever the split; the compiled head is the eager one's twin)."""
+    """Step 1 again with the whole mini-batch in one packed micro-batch, with every sequence alone, and with the
+    compiled head: the same update (a token mean over the mini-batch, whatever the split; the compiled head is
+    the eager one's twin)."""
     ref = metrics(hf_run)[0]
-    for name, extra in (("mb8", ["--no-compile", "--micro-batch-size", 8]), ("compiled", ["--compile"])):
+    for name, extra in (("whole", ["--no-compile", "--micro-batch-tokens", 4096]),
+                        ("alone", ["--no-compile", "--micro-batch-tokens", 1]), ("compiled", ["--compile"])):
         run_script("rl_dapo.py", rl_args(tiny_warm, str(tmp_path), name, *extra, steps=1))
         row = metrics(os.path.join(tmp_path, name))[0]
         for k in COMPARED:
