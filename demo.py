@@ -94,7 +94,7 @@ def main(argv=None):
     common_rl = ["--data", train, "--prompt-style", "plain", "--rollout-engine", args.engine,
                  "--group-size", str(args.group_size), "--prompts-per-step", str(args.prompts_per_step),
                  "--gen-batch-prompts", str(2 * args.prompts_per_step), "--max-gen-batches", "4",
-                 "--ppo-mini-batch", str(args.prompts_per_step), "--micro-batch-tokens", "1024",
+                 "--ppo-mini-batch", str(args.prompts_per_step), "--micro-batch-tokens", "512",
                  "--max-response-len", str(args.max_response_len), "--overlong-buffer", str(args.max_response_len // 4),
                  "--lr", str(args.lr), "--warmup-steps", "1", "--val-data", test, "--val-max-problems", "64",
                  "--no-compile", "--out", runs, "--save-every", "0", "--keep-last", "1", "--grade-workers", "0"]
@@ -133,7 +133,7 @@ def main(argv=None):
                  "--data", train, "--prompt-style", "plain", "--rollout-engine", args.engine,
                  "--group-size", str(args.group_size), "--prompts-per-step", str(args.prompts_per_step),
                  "--max-response-len", str(args.max_response_len), "--lr", str(args.reheat_lr), "--seed", str(seed),
-                 "--micro-batch-tokens", "1024", "--no-compile", "--grade-workers", "0", "--out", runs,
+                 "--micro-batch-tokens", "512", "--no-compile", "--grade-workers", "0", "--out", runs,
                  "--run-name", f"reheat_s{seed}"] + (["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else []),
                 os.path.join(logs, f"reheat_s{seed}.log"))
         reheated[seed] = os.path.join(reheat_dir, "final")
