@@ -154,9 +154,45 @@ def make_run_dir(out_root: str, name: str, config: dict, *, rank: int = 0) -> st
         obj = [run_dir]
         dist.broadcast_object_list(obj, src=0)
         run_dir = obj[0]
-    if rank != 0:
-        return run_dir
+    if rank == 0:
+        _write_run_files(run_dir, config, stamp)
+    if dist.is_initialized():
+        check_shared_storage(run_dir)
+    return run_dir
 
+
+def check_shared_storage(run_dir: str):
+    """Every rank must see what rank 0 wrote in the run directory: checkpoints are written by all ranks into
+    one directory that rank 0 creates and renames, so on nodes without a common filesystem the first
+    checkpoint would fail or be split across nodes. Rank 0 writes a nonce; every rank reads it back."""
+    path = os.path.join(run_dir, ".shared_storage_check")
+    nonce = [f"{os.getpid()}-{time.time_ns()}"]
+    dist.broadcast_object_list(nonce, src=0)
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            f.write(nonce[0])
+    dist.barrier()
+    try:
+        with open(path) as f:
+            ok = f.read() == nonce[0]
+    except OSError:
+        ok = False
+    ok_all = torch.tensor([float(ok)])
+    if "nccl" in dist.get_backend():
+        ok_all = ok_all.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(ok_all, dist.ReduceOp.MIN)
+    if not ok:
+        raise SystemExit(f"rank {dist.get_rank()} ({socket.gethostname()}) does not see {path}, written by rank 0: the "
+                         f"run directory must be on storage that every node shares (put --out on a shared filesystem)")
+    if ok_all.item() < 1:
+        raise SystemExit(f"some rank does not see {path}, written by rank 0 on {socket.gethostname()}: the run "
+                         f"directory must be on storage that every node shares (put --out on a shared filesystem)")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        os.remove(path)
+
+
+def _write_run_files(run_dir: str, config: dict, stamp: str):
     config_path = os.path.join(run_dir, "config.json")
     resuming = os.path.exists(config_path)
     os.makedirs(run_dir, exist_ok=True)
@@ -174,7 +210,6 @@ def make_run_dir(out_root: str, name: str, config: dict, *, rank: int = 0) -> st
     if os.path.isfile(script):
         with open(script, errors="replace") as f:
             _write_once(os.path.join(run_dir, os.path.basename(script)), f.read(), stamp, resuming)
-    return run_dir
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -92,3 +92,33 @@ def mean_token_entropy(model_dir: str, seqs, pad_id: int) -> float:
     with torch.no_grad():
         logp = torch.log_softmax(lm(ids, attention_mask=attn).logits[pred].double(), -1)
     return float(-(logp.exp() * logp).sum(-1).mean())
+
+
+def run_two_nodes(script: str, args: list, *, timeout: int = 420):
+    """The script as two 'nodes' of one process each on this machine: two torchrun launchers with node ranks
+    0 and 1 meeting at a c10d rendezvous (so LOCAL_RANK is 0 on both; RANK is 0 and 1)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
+               "--rdzv-id", f"twonode{port}", script] + [str(a) for a in args]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for node, (p, (out, err)) in enumerate(zip(procs, outs)):
+        if p.returncode != 0:
+            raise AssertionError(f"node {node}: {script} exited {p.returncode}\n--- stdout\n{out[-3000:]}\n"
+                                 f"--- stderr\n{err[-6000:]}")
+    return outs
