@@ -3,22 +3,26 @@
 Any combination of four jobs in one call, all writing into `--out` (results.md is rebuilt from every JSON there):
 
 1. Accuracy (`--ckpt`, `--arms`). Each checkpoint samples k responses per problem of every benchmark (vLLM by
-   default, `--rollout-engine hf` otherwise), graded by common/grading.py. Under torchrun rank r samples problems
+   default, `--rollout-engine hf` otherwise; one vLLM engine per process serves every checkpoint, each one's
+   weights loaded in place), graded by common/grading.py. Under torchrun rank r samples problems
    r, r+W, ... of the to-do list and rank 0 gathers and writes them. Every problem has its own sampling seed,
    derive_seed(--seed, crc32(benchmark), crc32(problem id)), so its samples depend neither on the number of ranks
    nor on what else is in the batch (vLLM: one seed per request; HF: one generate call per problem). Samples are
    cached per (checkpoint, benchmark, sampling settings) as JSONL, one line per problem, appended as they are
    graded: a rerun skips problems already cached (a line cut short by a kill is dropped) and regenerates nothing.
 2. Seeds (`--arms name=ckptA,ckptB,ckptC other=...`): one checkpoint per training seed. Per benchmark, mean and
-   95% t-interval over seeds (stats.mean_ci); between every two arms a paired bootstrap over problems of the
-   per-problem accuracy averaged over the arm's seeds (stats.paired_bootstrap): the review asks for both.
+   95% t-interval over seeds (stats.mean_ci); between every two arms three tests of the difference: a paired
+   bootstrap over problems of the per-problem accuracy averaged over the arm's seeds (stats.paired_bootstrap:
+   problem sampling only), a two-level bootstrap over seeds and then problems (stats.hierarchical_bootstrap), and,
+   when the arms have the same number of seeds, a paired t-test on the per-seed differences, the i-th checkpoints
+   of the two arms taken as one seed (stats.paired_seed_t).
 3. Comparison (`--compare BASE OTHER`, e.g. collapsed vs reheated). Diversity: both models sample
    `--compare-n` responses to the same `--compare-problems` prompts. Then BASE's first sample of every prompt is
-   scored by BOTH models with the HF forward, at `--analysis-tokens` response positions drawn uniformly (seeded)
-   from all of them; logits are made from the final hidden states a row chunk at a time (LogitsFromHidden), so
-   [tokens x vocab] never exists at once. On those positions: entropy and sharpness of each model, the effective
-   temperature tau*, top-k overlap, per-layer hidden-state cosine and linear CKA; and, from the weights, the
-   per-layer parameter displacement.
+   scored by BOTH models with the HF forward in float32 (also on a GPU, where HF generation runs in bf16), at
+   `--analysis-tokens` response positions drawn uniformly (seeded) from all of them; logits are made from the final
+   hidden states a row chunk at a time (LogitsFromHidden), so [tokens x vocab] never exists at once. On those
+   positions: entropy and sharpness of each model, the effective temperature tau*, top-k overlap, per-layer
+   hidden-state cosine and linear CKA; and, from the weights, the per-layer parameter displacement.
    `--displacement BASE LOW HIGH`: is a low-temperature distillation (tau < 1) the reverse of the reheat (tau > 1)?
    The paper reports, on Qwen3-8B, a cosine of -0.878 "between Delta_low and -Delta_high" and a reverse projection
    coefficient of +0.891; those two signs cannot both hold for one pair of vectors (see common/stats.py:
@@ -43,7 +47,8 @@ at T=1, so a reheated checkpoint's temperature is whatever its weights put there
 Outputs in --out:
     results.md                             every table below, rebuilt from the JSONs in --out
     results/<ckpt>__<settings>.json        accuracy per benchmark + macro average + per-problem accuracy
-    arms__<settings>.json                  mean [95% CI] over seeds; paired bootstrap between arms
+    arms__<settings>.json                  mean [95% CI] over seeds; tests between arms: problem-only bootstrap
+                                           (top level), "seed_bootstrap", "seed_paired_t" (null: unequal seeds)
     compare__<base>__vs__<other>.json      the comparison; displacement__<base>__<low>__<high>.json
     generations/<ckpt>/<bench>__<settings>.jsonl   the sample cache: {"id", "samples": [{"text", "answer",
                                            "correct", "length", "finish_reason"(, "ids")}]}, + .meta.json
@@ -63,7 +68,10 @@ Metrics (README text):
                     as they are, usually wrong); no_ans: fraction with no extractable final answer
     Seeds: `mean [lo, hi]` is the mean over seeds with a 95% Student-t interval (empty with one seed);
     bootstrap `diff` = mean over problems of (arm A - arm B) per-problem accuracy, its 95% percentile interval and
-    two-sided p-value (10000 resamples of problems; pairs kept together, so problem difficulty cancels).
+    two-sided p-value (10000 resamples of problems; pairs kept together, so problem difficulty cancels). That
+    interval ignores training-seed variance; the seed-aware ones: `seed_bootstrap` (resample each arm's seeds, then
+    problems; same diff) and `seed_paired_t` (mean of the per-seed differences, t interval and p on n_seeds - 1
+    degrees of freedom; it conditions on the problems). Quote a seed-aware one for a claim about the methods.
     Comparison (positions: a uniform sample of the response tokens of BASE's first sample per prompt; both models
     condition on the same prefixes; every mean is over those positions):
     entropy         mean next-token entropy at T=1 (nats) of each model; the histogram is per token
@@ -110,8 +118,9 @@ from common.grading import extract_answer, grade_batch
 from common.losses import entropy_from_hidden
 from common.rollout import make_engine, pack_sequences
 from common.runlog import make_run_dir
-from common.stats import (distinct_count, displacement_metrics, effective_temperature, linear_cka, mean_ci,
-                          mean_cosine, paired_bootstrap, sharpness, summarize, topk_overlap)
+from common.stats import (distinct_count, displacement_metrics, effective_temperature, hierarchical_bootstrap,
+                          linear_cka, mean_ci, mean_cosine, paired_bootstrap, paired_seed_t, sharpness, summarize,
+                          topk_overlap)
 
 PAPER_BENCHMARKS = "aime24,aime25,amc23,math500,minerva,olympiadbench,gpqa_diamond"
 MULTI_FLAGS = ("--ckpt", "--arms", "--compare", "--displacement", "--runs")   # take several space-separated values
@@ -132,7 +141,8 @@ class Args:
                           "files, name=path (a local file in a named benchmark's schema) or label=path (any schema)",
                           group="what to evaluate")
     arms: str = arg("", "seeds per method, space-separated: name=ckptA,ckptB,ckptC other=ckptD,ckptE (their "
-                    "checkpoints are evaluated for accuracy too)", group="what to evaluate")
+                    "checkpoints are evaluated for accuracy too; list the seeds in the same order in every arm: "
+                    "the paired test over seeds pairs the i-th checkpoints)", group="what to evaluate")
     compare: str = arg("", "BASE OTHER: diversity, entropy, tau*, top-k overlap, layer similarity, displacement of "
                        "OTHER against BASE (e.g. collapsed vs reheated)", group="what to evaluate")
     displacement: str = arg("", "BASE LOW HIGH: is Delta_low = LOW - BASE the reverse of Delta_high = HIGH - BASE?",
@@ -167,7 +177,7 @@ class Args:
                                "sample of every --compare prompt (all of them if fewer)", group="analyses")
     micro_batch_size: int = arg(4, "sequences per scoring forward", group="analyses")
     chunk_size: int = arg(64, "token rows per logits chunk (each a few [chunk, vocab] float64 buffers)", group="analyses")
-    n_boot: int = arg(10000, "bootstrap resamples for the paired test between arms", group="analyses")
+    n_boot: int = arg(10000, "bootstrap resamples for the tests between arms", group="analyses")
     # systems and output
     device: str = arg("auto", "cuda, cpu, or auto", group="systems", choices=("auto", "cpu", "cuda"))
     out: str = arg("runs/eval", "output directory (results, caches, plots); rerunning into it resumes", group="systems")
@@ -309,9 +319,10 @@ def sample_and_grade(a: Args, engine, tokenizer, bench: str, problems, n: int, w
 
 # ----------------------------------------------------------------------------- model loading
 
-def hf_model(path: str, device):
+def hf_model(path: str, device, dtype: torch.dtype | None = None):
+    """Inference model; dtype None: bf16 on CUDA (what HF-engine generation needs), float32 elsewhere."""
     from transformers import AutoModelForCausalLM
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
 
 
@@ -320,6 +331,23 @@ def release():
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def architecture_difference(path_a: str, path_b: str) -> str:
+    """Why one vLLM engine cannot serve both checkpoints by swapping their weights in ('' when it can): vLLM
+    built its network, context and tokenizer from the first, so the configs (but for fields that do not change
+    the network) and the tokenizers must be the same."""
+    from transformers import AutoTokenizer
+    ignored = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache")
+    conf = [{k: v for k, v in json.load(open(os.path.join(p, "config.json"))).items() if k not in ignored}
+            for p in (path_a, path_b)]
+    keys = sorted(k for k in conf[0].keys() | conf[1].keys() if conf[0].get(k) != conf[1].get(k))
+    if keys:
+        return f"their config.json differ in {', '.join(keys)}"
+    ta, tb = AutoTokenizer.from_pretrained(path_a), AutoTokenizer.from_pretrained(path_b)
+    if ta.get_vocab() != tb.get_vocab() or ta.chat_template != tb.chat_template:
+        return "their tokenizers differ"
+    return ""
 
 
 # ----------------------------------------------------------------------------- the comparison
@@ -346,8 +374,12 @@ def score_sequences(path: str, seqs: list[tuple[list[int], list[int], np.ndarray
     """One model's view of fixed sequences (prompt ids, response ids, the response positions to keep): each
     layer's output there (forward hooks on the embedding, every decoder layer and the final norm, because
     output_hidden_states replaces the last layer's output by the norm's; CPU, [N, D] each), the final hidden
-    states and the lm_head weight in float32 on the device."""
-    lm = hf_model(path, device)
+    states and the lm_head weight in float32 on the device.
+
+    The forward runs in float32 on every device (a 4B model: 16 GB): in bf16 the rounding of every activation,
+    and of a closed-form checkpoint's norm.weight / tau per channel, is itself a change that is no temperature,
+    and it moved tau* of the exact closed form by ~3e-3 on the tiny model."""
+    lm = hf_model(path, device, torch.float32)
     modules = [lm.model.embed_tokens, *lm.model.layers, lm.model.norm]
     names = ["embed"] + [f"layer_{i + 1}" for i in range(len(lm.model.layers))] + ["final_norm"]
     captured = {}
@@ -528,15 +560,26 @@ def main(argv=None):
     def cache_file(c: Ckpt, bench: str, n: int, with_ids: bool) -> str:
         return os.path.join(out, "generations", c.label, f"{bench}__{settings_tag(args, n, with_ids)}.jsonl")
 
-    generated = {}
+    generated, jobs = {}, {}                    # jobs: label -> [(benchmark, problems, n, with_ids)]
     for c in by_path.values():
-        jobs = [(b, ps, args.k, False) for b, ps in problems.items()] if c in accuracy else []
+        jobs[c.label] = [(b, ps, args.k, False) for b, ps in problems.items()] if c in accuracy else []
         if c in compare:
             for b in dict.fromkeys(b for b, _ in compare_problems):
-                jobs.append((b, [p for bb, p in compare_problems if bb == b], args.compare_n, True))
-        engine = tokenizer = model = None
-        fp = fingerprint(c.path) if jobs else None
-        for bench, ps, n, with_ids in jobs:
+                jobs[c.label].append((b, [p for bb, p in compare_problems if bb == b], args.compare_n, True))
+    # ONE engine per process for every checkpoint, each next one's weights loaded in place: a vLLM engine's
+    # shutdown destroys the default process group, which the ranks still need (and on GPU its memory may not be
+    # free yet when the next engine starts). Under torchrun every checkpoint must therefore fit the first's engine.
+    if engine_kind == "vllm" and info.distributed:
+        first, *rest = [c for c in by_path.values() if jobs[c.label]] or [None]
+        for c in rest:
+            if why := architecture_difference(first.path, c.path):
+                raise SystemExit(f"under torchrun, --rollout-engine vllm samples every checkpoint with one engine, "
+                                 f"but {first.label} and {c.label} cannot share it ({why}): evaluate them in "
+                                 f"separate commands (the same --out is fine), or in one process")
+    engine = tokenizer = serving = None         # serving: the checkpoint whose weights the engine holds
+    for c in by_path.values():
+        fp = fingerprint(c.path) if jobs[c.label] else None
+        for bench, ps, n, with_ids in jobs[c.label]:
             path = cache_file(c, bench, n, with_ids)
             meta_path = path.removesuffix(".jsonl") + ".meta.json"
             if os.path.exists(meta_path) and json.load(open(meta_path))["fingerprint"] != fp:   # every rank stops
@@ -553,17 +596,26 @@ def main(argv=None):
             generated[(c.label, bench, n)] = len(todo)
             if not todo:
                 continue
-            if engine is None:
+            if serving is not c:
                 from transformers import AutoTokenizer
                 tokenizer = AutoTokenizer.from_pretrained(c.path)
-                every = [p for _, ps_, _, _ in jobs for p in ps_]
-                max_prompt = max(len(tokenizer(render_prompt(p, tokenizer, args.prompt_style),
-                                               add_special_tokens=False).input_ids) for p in every)
-                model = hf_model(c.path, info.device) if engine_kind == "hf" else None
-                engine = make_engine(engine_kind, model=model, model_path=c.path, tokenizer=tokenizer, info=info,
-                                     max_model_len=max_prompt + args.max_tokens + 8, seed=args.seed,
-                                     hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
-                                     vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp, vllm_sleep=False)
+                if engine is not None and engine.name == "vllm" and not architecture_difference(serving.path, c.path):
+                    engine.load_checkpoint_weights(c.path)
+                else:                           # the first engine; HF (a new model); one process, another network
+                    if engine is not None:
+                        engine.close()
+                        engine = None
+                        release()
+                    every = [p for ps_ in problems.values() for p in ps_] + [p for _, p in compare_problems]
+                    max_prompt = max(len(tokenizer(render_prompt(p, tokenizer, args.prompt_style),
+                                                   add_special_tokens=False).input_ids) for p in every)
+                    engine = make_engine(engine_kind, model=hf_model(c.path, info.device) if engine_kind == "hf"
+                                         else None, model_path=c.path, tokenizer=tokenizer, info=info,
+                                         max_model_len=max_prompt + args.max_tokens + 8, seed=args.seed,
+                                         hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
+                                         vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp,
+                                         vllm_sleep=False)
+                serving = c
             if info.is_main:
                 with open(meta_path, "w") as f:
                     json.dump({"checkpoint": c.path, "fingerprint": fp, "benchmark": bench, "engine": engine.name,
@@ -580,10 +632,10 @@ def main(argv=None):
                         f.writelines(json.dumps(gathered[p.id]) + "\n" for p in part)
                 print0(f"[evaluate] {c.label} / {bench}: {min(start + per_round, len(todo))}/{len(todo)} generated "
                        f"({time.time() - t0:.0f} s)")
-        if engine is not None:
-            engine.close()
-            engine = model = None
-            release()
+    if engine is not None:
+        engine.close()
+        engine = None
+        release()
     cleanup_distributed()                       # from here on rank 0 alone: analyses, tables, plots
     if not info.is_main:
         return out
@@ -621,18 +673,21 @@ def main(argv=None):
                 per[b] = {"mean": mean, "lo": lo, "hi": hi, "values": vals}
             rep["arms"][name] = per
 
-        def arm_scores(cs, bench):                  # per-problem accuracy, averaged over the arm's seeds
-            return [float(np.mean([results[c.label]["per_problem"][bench][p.id] for c in cs]))
-                    for p in problems[bench]]
+        def seed_scores(cs, sel):                   # [seeds, problems]: per-problem accuracy of each seed
+            return np.array([[results[c.label]["per_problem"][bb][p.id] for bb in sel for p in problems[bb]]
+                             for c in cs])
         names = list(arms)
         for i, an in enumerate(names):
             for bn in names[i + 1:]:
                 for b in list(problems) + ["all"]:
                     sel = list(problems) if b == "all" else [b]
-                    sa = [x for bb in sel for x in arm_scores(arms[an], bb)]
-                    sb = [x for bb in sel for x in arm_scores(arms[bn], bb)]
-                    rep["tests"].append({"a": an, "b": bn, "benchmark": b} | paired_bootstrap(
-                        sa, sb, n_boot=args.n_boot, seed=args.seed))
+                    sa, sb = seed_scores(arms[an], sel), seed_scores(arms[bn], sel)
+                    # top level: problems only, on the seed-averaged accuracy (blind to which seeds were trained)
+                    test = {"a": an, "b": bn, "benchmark": b} | paired_bootstrap(
+                        sa.mean(0), sb.mean(0), n_boot=args.n_boot, seed=args.seed)
+                    test["seed_bootstrap"] = hierarchical_bootstrap(sa, sb, n_boot=args.n_boot, seed=args.seed)
+                    test["seed_paired_t"] = paired_seed_t(sa, sb) if len(sa) == len(sb) > 1 else None
+                    rep["tests"].append(test)
         dump(rep, os.path.join(out, f"arms__{tag}.json"))
 
     # ------------------------------------------------------------------------- comparison and displacement

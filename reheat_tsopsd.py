@@ -42,11 +42,12 @@ from tqdm import tqdm
 
 from common.batching import pack_padding_free, plan_micro_batches
 from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
-from common.cli import arg, parse_args, with_resumed_config
+from common.cli import arg, check_context_length, parse_args, with_resumed_config
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
 from common.dist import (all_reduce, check_sharding, cleanup_distributed, derive_seed, full_params, init_distributed,
-                         print0, resolve_model_path, seed_everything, shard_model, unwrap, use_bf16)
+                         print0, resolve_model_path, seed_everything, unwrap, use_bf16)
 from common.grading import extract_answer, grade_batch
+from common.loading import load_sharded
 from common.losses import DIVERGENCES, fused_linear_kl
 from common.rollout import make_engine
 from common.runlog import MetricsLogger, make_run_dir
@@ -132,9 +133,14 @@ def check_args(a: Args):
 
 def closed_form_reheat(ckpt: str, tau: float, out: str):
     """theta_0 at temperature tau, exactly: logits = lm_head(norm(h)) and RMSNorm's weight multiplies its output,
-    so norm.weight / tau divides every logit by tau and changes nothing else."""
+    so norm.weight / tau divides every logit by tau and changes nothing else.
+
+    Written in float32 whatever the source's dtype: a bf16 source's weights are upcast exactly, and only
+    norm.weight / tau is rounded, to float32 (relative 6e-8). In bf16 that rounding would be up to 2^-8 per
+    channel, a per-channel logit scale that is no temperature (tau* and `explained` off in --compare); the price
+    is twice a bf16 source's size on disk. Exact only where it is read in float32: evaluate.py scores in float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    lm = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)   # also fixes the saved dtype (config.json)
     with torch.no_grad():
         lm.model.norm.weight.div_(tau)
     save_hf(out, lm, AutoTokenizer.from_pretrained(ckpt))
@@ -158,6 +164,10 @@ def main(argv=None):
         problems = load_problems(args.data)
     except DataError as e:
         raise SystemExit(f"[reheat_tsopsd] {e}")
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    max_prompt = max(len(tokenizer(render_prompt(p, tokenizer, args.prompt_style)).input_ids) for p in problems)
+    max_positions = check_context_length(ckpt, max_prompt, args.max_response_len)   # before any weights load
     config = dataclasses.asdict(args) | {"ckpt_path": ckpt, "world_size": info.world_size}
     if args.resume:                                     # same directory; a changed config is written beside
         config["run_name"] = os.path.basename(os.path.normpath(args.resume))
@@ -166,15 +176,12 @@ def main(argv=None):
     print0(f"[reheat_tsopsd] run directory: {run_dir}")
 
     # ------------------------------------------------------------------------- models: student and teacher
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    student = shard_model(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), info, args.sharding,
-                          bf16=args.bf16, activation_checkpointing=args.activation_checkpointing)
+    # each built on the meta device, sharded, then filled from rank 0's read of the checkpoint (common/loading.py)
+    student = load_sharded(ckpt, info, args.sharding, bf16=args.bf16, activation_checkpointing=args.activation_checkpointing)
     teacher, teacher_weight = None, None
     if args.teacher == "frozen":
         # theta_0, sharded like the student, no gradients. Its lm_head never changes, so it is gathered once.
-        teacher = shard_model(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), info, args.sharding,
-                              bf16=args.bf16, requires_grad=False)
+        teacher = load_sharded(ckpt, info, args.sharding, bf16=args.bf16, requires_grad=False)
         teacher.eval()
         head_name = "model.embed_tokens.weight" if unwrap(teacher).config.tie_word_embeddings else "lm_head.weight"
         teacher_weight = next(t for name, t in full_params(teacher, names={head_name})).to(
@@ -190,9 +197,8 @@ def main(argv=None):
         logger.truncate_after(start_step)
 
     # ------------------------------------------------------------------------- rollout engine
-    max_prompt = max(len(tokenizer(render_prompt(p, tokenizer, args.prompt_style)).input_ids) for p in problems)
     engine = make_engine(args.rollout_engine, model=student, model_path=ckpt, tokenizer=tokenizer, info=info,
-                         max_model_len=max_prompt + args.max_response_len + 8, seed=args.seed,
+                         max_model_len=min(max_prompt + args.max_response_len + 8, max_positions or 1 << 30), seed=args.seed,
                          hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
                          vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp, vllm_sleep=args.vllm_sleep)
     torch.set_float32_matmul_precision("high")         # TF32 for fp32 matmuls; after vLLM, which resets it

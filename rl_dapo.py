@@ -33,13 +33,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from common.batching import pack_padding_free, plan_micro_batches
+from common.batching import exchange_sequences, pack_padding_free, plan_micro_batches
 from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
-from common.cli import arg, parse_args, with_resumed_config
+from common.cli import arg, check_context_length, parse_args, with_resumed_config
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
 from common.dist import (all_gather_objects, all_reduce, check_model_path, check_sharding, cleanup_distributed, derive_seed,
-                         init_distributed, print0, resolve_model_path, seed_everything, shard_model)
+                         init_distributed, print0, resolve_model_path, seed_everything)
 from common.grading import extract_answer, grade_batch
+from common.loading import load_sharded
 from common.losses import chunked_logprob_entropy, entropy_from_hidden
 from common.rollout import make_engine
 from common.runlog import MetricsLogger, make_run_dir, warn_logprob_mismatch
@@ -214,6 +215,11 @@ def main(argv=None):
         val_problems = load_problems(args.val_data, limit=args.val_max_problems or None) if args.val_data else []
     except DataError as e:
         raise SystemExit(f"[rl_dapo] {e}")
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    max_prompt = max(len(tokenizer(render_prompt(p, tokenizer, args.prompt_style)).input_ids)
+                     for p in train_problems + val_problems)    # vLLM rejects longer prompts
+    max_positions = check_context_length(model_path, max_prompt, args.max_response_len)   # before any weights load
     config = dataclasses.asdict(args) | {"model_path": model_path, "world_size": info.world_size}
     if args.resume:                                     # same directory; a changed config is written beside
         config["run_name"] = os.path.basename(os.path.normpath(args.resume))
@@ -226,10 +232,9 @@ def main(argv=None):
                f"each generation batch wraps around the data set")
 
     # ------------------------------------------------------------------------- model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    model = shard_model(lm, info, args.sharding, bf16=args.bf16, activation_checkpointing=args.activation_checkpointing)
+    # built on the meta device, sharded, then filled from rank 0's read of the checkpoint (common/loading.py)
+    model = load_sharded(model_path, info, args.sharding, bf16=args.bf16,
+                         activation_checkpointing=args.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     start_step, cursor = 0, 0
     if args.resume:
@@ -243,10 +248,8 @@ def main(argv=None):
         logger.truncate_after(start_step)
 
     # ------------------------------------------------------------------------- rollout engine
-    max_prompt = max(len(tokenizer(render_prompt(p, tokenizer, args.prompt_style)).input_ids)
-                     for p in train_problems + val_problems)    # vLLM rejects longer prompts
     engine = make_engine(args.rollout_engine, model=model, model_path=model_path, tokenizer=tokenizer, info=info,
-                         max_model_len=max_prompt + args.max_response_len + 8, seed=args.seed,
+                         max_model_len=min(max_prompt + args.max_response_len + 8, max_positions or 1 << 30), seed=args.seed,
                          hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
                          vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp, vllm_sleep=args.vllm_sleep)
     torch.set_float32_matmul_precision("high")         # TF32 for fp32 matmuls; after vLLM, which resets it
@@ -350,8 +353,10 @@ def main(argv=None):
                 if keep_group(acc):
                     scores = [(1.0 if a > 0 else -1.0) + overlong_penalty(n_tok, L, B, args.overlong_factor)
                               for a, n_tok in zip(acc, lengths)]
-                    kept.append({"samples": [(s.prompt_ids, s.response_ids, s.logprobs) for s in g], "scores": scores,
-                                 "position": pos})
+                    kept.append({"position": pos, "scores": scores, "rank": info.rank,          # metadata ...
+                                 "sizes": [(len(s.prompt_ids) + len(s.response_ids), len(s.response_ids)) for s in g],
+                                 "tensors": [(torch.tensor(s.prompt_ids + s.response_ids),   # ... and the data
+                                              torch.tensor(s.logprobs, dtype=torch.float32)) for s in g]})
             n_kept = all_reduce(len(kept) if engine.tp_rank == 0 else 0).item()
             if n_kept >= args.prompts_per_step or gen_batches >= args.max_gen_batches:
                 break
@@ -361,8 +366,10 @@ def main(argv=None):
         # mini-batches of ppo_mini_batch groups. A step that hit --max-gen-batches short of prompts_per_step trains
         # on its whole mini-batches only (none if it kept fewer than ppo_mini_batch groups), so every optimizer step
         # averages the same number of groups; verl raises instead, which ends a long run for one hard batch.
-        pool = sorted((g for part in all_gather_objects(kept if engine.tp_rank == 0 else []) for g in part),
-                      key=lambda g: g["position"])
+        # The ranks agree on it from metadata alone (positions, scores, lengths); token ids and sampler log-probs
+        # stay on the rank that sampled them until the plan below sends each sequence to the rank that trains it.
+        meta = [{k: v for k, v in g.items() if k != "tensors"} for g in kept] if engine.tp_rank == 0 else []
+        pool = sorted((g for part in all_gather_objects(meta) for g in part), key=lambda g: g["position"])
         n_use = min(len(pool), args.prompts_per_step) // args.ppo_mini_batch * args.ppo_mini_batch
         own = engine.tp_rank == 0
         tot = all_reduce([sum(all_acc) * own, len(all_acc) * own, sum(all_len) * own, sum(all_trunc) * own,
@@ -386,22 +393,36 @@ def main(argv=None):
             print0(f"[rl_dapo] step {step}: {len(pool)} groups with mixed answers after {gen_batches} generation "
                    f"batches, fewer than --ppo-mini-batch {args.ppo_mini_batch}; no update")
         else:
-            seqs, advs, sampler_lp = [], [], []         # the whole batch, on every rank: the plan needs every length
+            # every sequence of the batch by index i: its group's advantages, owner rank, (tokens, response tokens)
+            advs, owner, sizes = [], [], []
             for g in pool[:n_use]:
-                adv = group_advantages(torch.tensor([g["scores"]], dtype=torch.float32))[0]
-                for (p_ids, r_ids, lps), a in zip(g["samples"], adv.tolist()):
-                    seqs.append((p_ids, r_ids))
-                    advs.append(a)
-                    sampler_lp.append(lps)
+                advs += group_advantages(torch.tensor([g["scores"]], dtype=torch.float32))[0].tolist()
+                owner += [g["rank"]] * len(g["sizes"])
+                sizes += g["sizes"]
+            n_resp = [r for _, r in sizes]
             n_mini, per_mini = n_use // args.ppo_mini_batch, args.ppo_mini_batch * args.group_size
-            # plan[mb]: this rank's micro-batches of mini-batch mb, as indices into seqs (None: a dummy forward).
-            # Every rank derives the same plan from the lengths (common/batching.py: token-balanced over ranks,
-            # token-budget micro-batches, the same count on every rank for FSDP's collectives).
-            plan = []
-            for lo in range(0, n_use * args.group_size, per_mini):
-                mine = plan_micro_batches([len(p) + len(r) for p, r in seqs[lo:lo + per_mini]], args.micro_batch_tokens,
-                                          info.world_size)[info.rank]
-                plan.append([[lo + j for j in mb] if mb is not None else None for mb in mine])
+            # plan[mb]: this rank's micro-batches of mini-batch mb, as indices i (None: a dummy forward). Every rank
+            # derives the same plan from the lengths (common/batching.py: token-balanced over ranks, token-budget
+            # micro-batches, the same count on every rank for FSDP's collectives); dest[i]: who trains sequence i.
+            plan, dest = [], [0] * len(sizes)
+            for lo in range(0, len(sizes), per_mini):
+                every = plan_micro_batches([t for t, _ in sizes[lo:lo + per_mini]], args.micro_batch_tokens, info.world_size)
+                for r, mbs in enumerate(every):
+                    for j in (j for mb in mbs if mb is not None for j in mb):
+                        dest[lo + j] = r
+                plan.append([[lo + j for j in mb] if mb is not None else None for mb in every[info.rank]])
+            by_pos = {g["position"]: g["tensors"] for g in kept}
+            local, i = {}, 0
+            for g in pool[:n_use]:
+                for j in range(len(g["sizes"])):
+                    if g["rank"] == info.rank and engine.tp_rank == 0:
+                        local[i] = by_pos[g["position"]][j]
+                    i += 1
+            data = exchange_sequences(owner, dest, sizes, local, info.rank, info.world_size,
+                                      device=info.device if info.device.type == "cuda" else None)
+            seqs = {i: (ids[:t - r].tolist(), ids[t - r:].tolist()) for i, (ids, _) in data.items()
+                    for t, r in [sizes[i]]}                      # this rank's sequences: (prompt ids, response ids)
+            sampler_lp = {i: lps for i, (_, lps) in data.items()}
             # per-step sums kept on the device (one host sync per step, not one per micro-batch): loss, clip_hi,
             # clip_lo, dual, kl, tokens, entropy, entropy_t1 (both of the policy that sampled), logprob diff sum,
             # logprob diff max
@@ -412,18 +433,18 @@ def main(argv=None):
             if n_mini > 1:          # off-policy after the first update: pre-update log-probs (and entropies) first
                 for part in (mb for mini in plan for mb in mini):
                     logp, ent, ent1 = forward_logprobs([seqs[i] for i in part or []], grad=False)
-                    old_lp |= dict(zip(part or [], logp.float().split([len(seqs[i][1]) for i in part or []])))
+                    old_lp |= dict(zip(part or [], logp.float().split([n_resp[i] for i in part or []])))
                     stats[6:8] += torch.stack([ent.sum(), ent1.sum()]).to(stats) * bool(part)
 
             for mb in range(n_mini):
-                mb_tokens = sum(len(r) for _, r in seqs[mb * per_mini:(mb + 1) * per_mini])   # global count
+                mb_tokens = sum(n_resp[mb * per_mini:(mb + 1) * per_mini])   # the global count, known to every rank
                 optimizer.zero_grad(set_to_none=True)
                 for part in plan[mb]:
                     idx, real = part or [], float(part is not None)   # a dummy adds 0 to the loss and the stats
                     logp, ent, ent1 = forward_logprobs([seqs[i] for i in idx], grad=True)
                     dev = logp.device
-                    tok_adv = torch.tensor([advs[i] for i in idx for _ in seqs[i][1]] or [0.0], device=dev)
-                    slp = torch.tensor([x for i in idx for x in sampler_lp[i]] or [0.0], device=dev)
+                    tok_adv = torch.tensor([advs[i] for i in idx for _ in range(n_resp[i])] or [0.0], device=dev)
+                    slp = torch.cat([sampler_lp[i] for i in idx]).to(dev) if idx else torch.zeros(1, device=dev)
                     old = torch.cat([old_lp[i] for i in idx]).to(dev) if old_lp and idx else logp.detach().float()
                     tis = (old - slp).exp().clamp(max=args.tis_cap) if args.tis_cap > 0 else None
                     loss_tok, c_hi, c_lo, dual = dapo_token_loss(logp.float(), old, tok_adv, args.eps_low, args.eps_high,
@@ -456,7 +477,7 @@ def main(argv=None):
             stats = stats.tolist()
             tot = all_reduce(stats[:9])
             ntok = max(tot[5].item(), 1)
-            first_mb_tokens = sum(len(r) for _, r in seqs[:per_mini])
+            first_mb_tokens = sum(n_resp[:per_mini])
             m |= {"train/pg_loss": tot[0].item() / ntok, "train/clip_frac_upper": tot[1].item() / ntok,
                   "train/clip_frac_lower": tot[2].item() / ntok, "train/clip_frac_dual": tot[3].item() / ntok,
                   "train/approx_kl": tot[4].item() / ntok, "train/entropy": tot[6].item() / ntok,

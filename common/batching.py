@@ -102,3 +102,36 @@ def padded_vs_packed_tokens(lengths: list[int], micro_batch_size: int, budget: i
     return {"real_tokens": real, "padded_computed": padded, "packed_computed": packed,
             "padded_ratio": padded / max(real, 1), "packed_ratio": packed / max(real, 1),
             "micro_batches_per_rank": len(plan[0]) if plan else 0}
+
+
+def exchange_sequences(owner: list[int], dest: list[int], sizes: list[tuple[int, int]], local: dict, rank: int,
+                       world_size: int, device=None) -> dict:
+    """Move each sequence's tensors from the rank that sampled it to the rank that trains on it, and nowhere else.
+
+    owner[i], dest[i]: ranks holding / training on sequence i; sizes[i]: (token count, log-prob count). Every
+    rank passes the same three lists (agreed from small metadata). local: {i: (token_ids int64, logprobs
+    float32)} for this rank's own sequences. Returns {i: (token_ids, logprobs)} on the CPU for every i with
+    dest[i] == rank. Two all_to_all_single calls (ids, log-probs) whose splits follow from `sizes`, so nothing
+    else is sent. `device`: where the collective runs (NCCL needs CUDA tensors, gloo CPU ones).
+    """
+    if world_size == 1:
+        return {i: local[i] for i in range(len(owner)) if dest[i] == rank}
+    import torch.distributed as dist
+    send = [[i for i in range(len(owner)) if owner[i] == rank and dest[i] == d] for d in range(world_size)]
+    recv = [[i for i in range(len(owner)) if owner[i] == s and dest[i] == rank] for s in range(world_size)]
+    dev = device or torch.device("cpu")
+    out = {}
+    for k, dtype in ((0, torch.long), (1, torch.float32)):
+        flat = [local[i][k].to(dtype) for d in range(world_size) for i in send[d]]
+        send_buf = torch.cat(flat).to(dev) if flat else torch.empty(0, dtype=dtype, device=dev)
+        in_splits = [sum(sizes[i][k] for i in send[d]) for d in range(world_size)]
+        out_splits = [sum(sizes[i][k] for i in recv[s]) for s in range(world_size)]
+        recv_buf = torch.empty(sum(out_splits), dtype=dtype, device=dev)
+        dist.all_to_all_single(recv_buf, send_buf, out_splits, in_splits)
+        recv_buf = recv_buf.cpu()
+        offset = 0
+        for s in range(world_size):
+            for i in recv[s]:
+                out.setdefault(i, [None, None])[k] = recv_buf[offset:offset + sizes[i][k]]
+                offset += sizes[i][k]
+    return {i: tuple(v) for i, v in out.items()}

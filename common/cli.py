@@ -6,10 +6,13 @@
     args = parse_args(Args, description=__doc__)
 
 Each field becomes `--lr` (underscores as dashes) in `--help`, grouped under its group; booleans get
-`--flag/--no-flag`. `choices` are checked by argparse, so a bad value fails before any compute.
+`--flag/--no-flag`. `choices` are checked by argparse, so a bad value fails before any compute; so is a
+float that is not finite (nan, inf), for every float flag. check_context_length tells a run whose prompts
+plus responses cannot fit the model's positions before it loads any weights.
 """
 import argparse
 import dataclasses
+import math
 import types
 import typing
 
@@ -58,6 +61,11 @@ def parse_args(cls, argv=None, description: str | None = None):
         group.add_argument(flag, type=conv, default=default, choices=meta.get("choices"),
                            help=f"{text} (default: {default})")
     ns = parser.parse_args(argv)
+    for name, value in vars(ns).items():
+        # float() accepts "nan" and "inf": nan passes every `x <= 0`-style check (it compares False), inf
+        # any check without an upper bound, and both surface later as NaN losses or a hung loop.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     args = cls(**vars(ns))
     # which flags the command line gave (whatever their value), for with_resumed_config: parse again with
     # every default suppressed, so only the given ones appear
@@ -65,6 +73,38 @@ def parse_args(cls, argv=None, description: str | None = None):
         action.default = argparse.SUPPRESS
     args._given = set(vars(parser.parse_args(argv)))
     return args
+
+
+def check_context_length(model_path: str, max_prompt_len: int, max_response_len: int, *,
+                         flag: str = "--max-response-len") -> int | None:
+    """SystemExit if the longest prompt plus `flag`'s response length exceeds the model's context;
+    otherwise the model's limit (None if unknown), to cap an engine's max_model_len with.
+
+    Reads max_position_embeddings from model_path/config.json (a local checkpoint directory; anything
+    else, or a config without the field, passes). Meant to run before any weights load: vLLM would
+    otherwise refuse max_model_len only after the model is in memory, with a message about an env var.
+    """
+    import json
+    import os
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: cannot read the model config ({e})")
+    # multimodal checkpoints keep the language model's limit under text_config
+    limit = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    if not isinstance(limit, int):
+        return None
+    total = max_prompt_len + max_response_len
+    if total <= limit:
+        return limit
+    fix = (f"lower {flag} to at most {limit - max_prompt_len}" if max_prompt_len < limit else
+           "the prompts alone fill it: use shorter prompts or a model with a longer context")
+    raise SystemExit(f"{flag} {max_response_len} + the longest prompt, {max_prompt_len} tokens, = {total} tokens, "
+                     f"more than the model's max_position_embeddings {limit} ({path}): {fix}")
 
 
 def with_resumed_config(args):

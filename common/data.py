@@ -18,14 +18,20 @@ on local files in the same schema, see tests/test_data.py):
 | gpqa_diamond  | Idavidrein/gpqa (gated)          | gpqa_diamond        | train | Question        | Correct Answer + Incorrect Answer 1..3 |
 
 DAPO-Math-17k's parquet repeats each of its ~17k prompts many times (1.79M rows): loading de-duplicates
-on the problem text. GPQA is multiple choice: the four options are shuffled with a fixed seed per
-question, shown as "A) ... D)", and the ground truth becomes the letter (graded by letter).
+on the problem text. OlympiadBench's OE_TO_maths_en_COMP config has 674 rows on the hub (papers often
+quote 675, from another copy), so its scores are over 674 problems. GPQA is multiple choice: the four
+options are shuffled with a fixed seed per question, shown as "A) ... D)", and the ground truth becomes
+the letter (graded by letter). GPQA is gated: accept its licence once on
+https://huggingface.co/datasets/Idavidrein/gpqa, then `hf auth login` (`huggingface-cli login` before
+huggingface_hub 1.0) or set HF_TOKEN; without that, loading it raises a DataError saying so.
 
 A local file (.jsonl, .json or .parquet) in any of these schemas loads the same way: `load_problems(path)`
 detects the schema from its fields, or `load_problems("math500", path=...)` forces a named one.
-A bad row (missing field, empty text) raises before any compute, naming the file, row and field.
+A bad row (missing field, empty text) raises before any compute, naming the file, row (0-based) and
+field; a line of a .jsonl file that is not a JSON object raises naming the file and line (1-based).
 """
 import dataclasses
+import json
 import os
 import random
 import zlib
@@ -136,14 +142,62 @@ def _rows(source: str, spec: Spec | None, path: str | None, split: str | None):
                             f"the names {sorted(BENCHMARKS)})")
         if ext not in LOCAL_EXTENSIONS:
             raise DataError(f"{target}: unsupported file type {ext!r}; use .jsonl, .json or .parquet")
-        ds = datasets.load_dataset(LOCAL_EXTENSIONS[ext], data_files=target, split="train")
-        return ds, target
-    if spec is None:
-        if "/" not in source:
-            raise DataError(f"unknown data source {source!r}: not a file, not a hub id (org/name), and not one of "
-                            f"{sorted(BENCHMARKS)}")
-        return datasets.load_dataset(source, split=split or "train"), source
-    return datasets.load_dataset(spec.hub_id, spec.config, split=split or spec.split), f"{source} ({spec.hub_id})"
+        try:
+            return datasets.load_dataset(LOCAL_EXTENSIONS[ext], data_files=target, split="train"), target
+        except Exception as e:
+            # datasets reports a bad line as "An error occurred while generating the dataset" or a byte offset
+            where = _bad_json_line(target) if ext != ".parquet" else None
+            raise DataError(f"{target}, {where}" if where else f"{target}: cannot be read as {ext[1:]}: "
+                            f"{_innermost(e)}") from e
+    if spec is None and "/" not in source:
+        raise DataError(f"unknown data source {source!r}: not a file, not a hub id (org/name), and not one of "
+                        f"{sorted(BENCHMARKS)}")
+    hub_id, config = (source, None) if spec is None else (spec.hub_id, spec.config)
+    label = source if spec is None else f"{source} ({hub_id})"
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import GatedRepoError
+    try:
+        return datasets.load_dataset(hub_id, config, split=split or (spec.split if spec else "train")), label
+    except (GatedRepoError, DatasetNotFoundError) as e:
+        # datasets turns the hub's GatedRepoError into DatasetNotFoundError("... is a gated dataset ...")
+        if isinstance(e, GatedRepoError) or "gated" in str(e):
+            raise DataError(f"{label} is gated on the Hugging Face hub: accept its licence at "
+                            f"https://huggingface.co/datasets/{hub_id} with your account, then log in with "
+                            f"`hf auth login` (older hub versions: `huggingface-cli login`) or set HF_TOKEN") from e
+        raise DataError(f"{label}: {_innermost(e)}") from e
+
+
+def _innermost(e: BaseException) -> str:
+    """The root cause's message on one line (datasets wraps the useful one in a generic one)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _bad_json_line(path: str) -> str | None:
+    """"line N: ..." for the first line of a JSON-lines file that is not one JSON object (1-based), else None.
+    A file holding one JSON array is reported at the line where the array breaks."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        json.loads(data)
+        return None                          # one valid JSON document: the trouble is elsewhere
+    except ValueError as e:
+        if data.lstrip()[:1] == b"[":
+            return f"line {e.lineno}: not valid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) \
+                else "not UTF-8 text"
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {n}: not valid JSON ({e.msg} at column {e.colno})"
+        except ValueError:
+            return f"line {n}: not UTF-8 text"
+        if not isinstance(row, dict):
+            return f"line {n}: expected a JSON object {{...}}, got {type(row).__name__}"
+    return None
 
 
 def _field(row: dict, name: str, label: str, i: int):

@@ -18,6 +18,8 @@ Decisions the tests pin down (math-verify's behaviour, kept on purpose):
   * "x = 5" matches "5" (math-verify keeps the right-hand side of an assignment).
   * floats are compared after rounding to 6 decimals: "3.14159" does not match "\\pi".
   * "1,000" matches "1000", and "1, 2" is the set {1, 2} (order-free).
+  * e-notation is a number: "4.5e33", "4.5E+33", "4.5 \\times 10^{33}", "4.5 \\cdot 10^33" are equal in
+    either role (Minerva's gold answers use the first form, models the others). So "2e-1" is 0.2, not 2e - 1.
   * multiple choice (GPQA, `is_choice=True`): the answer must BE a letter ("C", "(C)", "C) 42",
     "\\text{C}"); "The answer is C" scores 0, as it would under DAPO's instruction.
   * an answer over 1000 characters, nested more than 10 brackets deep, or with control characters
@@ -165,6 +167,16 @@ def _normalize(answer: str) -> str:
     return _SPACING.sub("", answer).removesuffix(".")
 
 
+# 4.5e33, 4.5E+33, 1e-3: a whole number token (not the tail of a name or of a longer number, not 2e^{3}).
+_E_NOTATION = re.compile(r"(?<![\w.\\])(\d+(?:\.\d*)?|\.\d+)[eE]([+-]?\d+)(?![\d.^])")
+
+
+def _expand_e_notation(answer: str) -> str:
+    """4.5e33 -> 4.5 \\times 10^{33}: math-verify reads e-notation as a product with Euler's e and never
+    matches it to the LaTeX form, which it does compare as a number (with relative precision)."""
+    return _E_NOTATION.sub(lambda m: f"{m.group(1)} \\times 10^{{{int(m.group(2))}}}", answer)
+
+
 def _math_verify():
     global _mv
     if _mv is None:
@@ -236,6 +248,9 @@ def grade(response: str | None, ground_truth: str, *, is_choice: bool = False, t
             return 0.0
         if is_choice:
             return float(_choice_letter(answer) == gold)
+        answer, gold = _expand_e_notation(answer), _expand_e_notation(gold)
+        if is_hostile(answer):   # 1e9999999 becomes a huge power
+            return 0.0
         if _normalize(answer) == _normalize(gold) != "":
             return 1.0   # the common case for integer answers, and the only way to match plain text
         main = threading.current_thread() is threading.main_thread()

@@ -6,8 +6,10 @@ Two engines behind one interface (`make_engine(kind, ...)`, kind = auto | vllm |
   under torchrun; the process group must exist before the LLM is built). Weights are pushed in after
   every optimizer step with `sync_weights(model)`: vLLM's in-place `reload_weights` RPC fed by an iterator
   that gathers one FSDP2 parameter at a time, then `reset_prefix_cache()` (otherwise prompt KV cached
-  under the old weights is reused: log-prob errors of ~9 nats were seen). On CUDA, `--vllm-sleep` frees
-  the KV cache and weights during training (sleep level 2) and wakes them around the next sync.
+  under the old weights is reused: log-prob errors of ~9 nats were seen); `load_checkpoint_weights(path)`
+  does the same from a checkpoint's safetensors (evaluate.py: one engine for every checkpoint). On CUDA,
+  `--vllm-sleep` frees the KV cache and weights during training (sleep level 2) and wakes them around the
+  next sync.
 - `HFEngine`: `transformers.generate` on the training model itself (no second copy, nothing to sync);
   for machines without vLLM and for very small models, where it is faster on CPU.
 
@@ -16,6 +18,7 @@ both must stop a rollout), take one seed per prompt, keep the stop token in `res
 report log-probs of the sampled tokens as log softmax(logits / T): the distribution actually sampled from.
 """
 import dataclasses
+import glob
 import os
 
 import torch
@@ -237,9 +240,30 @@ class VLLMEngine:
 
     def sync_weights(self, model):
         """Push the trainer's current weights into vLLM (every rank calls: FSDP2 gathers are collectives)."""
+        self._reload(full_params(model, dtype=self.dtype))
+
+    def load_checkpoint_weights(self, path: str):
+        """Sample from another checkpoint of the same architecture: its safetensors streamed in one tensor at a
+        time. A second engine is not an option under torchrun: an engine's shutdown destroys the default process
+        group (and on GPU the old engine's memory may not be free yet when the next one starts)."""
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise SystemExit(f"{path}: no *.safetensors files to load into vLLM")
+
+        def tensors():
+            from safetensors import safe_open
+            for f in files:
+                with safe_open(f, "pt") as h:
+                    for name in h.keys():
+                        t = h.get_tensor(name)
+                        yield name, t.to(self.dtype) if t.is_floating_point() else t
+        self._reload(tensors())
+
+    def _reload(self, weights):
+        """vLLM's in-place reload from (name, tensor) pairs in checkpoint format, then what depends on the weights:
+        the CPU lm_head packing and the prefix cache."""
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
-        weights = full_params(model, dtype=self.dtype)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         if self.info.device.type == "cpu":
             self.llm.collective_rpc(_repack_tied_lm_head)

@@ -12,6 +12,8 @@ Seeds and significance (the review asks for both)
     t_quantile(p, dof)                   Student t quantile, from the t CDF (regularised incomplete beta)
     mean_ci(values, confidence)          (mean, lo, hi), t interval across seeds
     paired_bootstrap(scores_a, scores_b) difference of two methods on the same problems, CI and p-value
+    hierarchical_bootstrap(a, b)         the same over seeds and problems ([seeds, problems] per method)
+    paired_seed_t(a, b)                  paired t-test over seeds the two methods share
 
 Analysis of a reheated policy (torch; logits [..., V] with an optional mask [...], walked in row chunks
 so that V = 151,936 never costs more than a few [chunk_size, V] float64 buffers)
@@ -273,12 +275,93 @@ def paired_bootstrap(scores_a: Sequence[float], scores_b: Sequence[float], n_boo
     for start in range(0, n_boot, rows):
         stop = min(n_boot, start + rows)
         boot[start:stop] = d[rng.integers(0, d.size, size=(stop - start, d.size))].mean(axis=1)
+    return {"diff": diff, **_percentile_test(boot, diff, confidence), "n_problems": int(d.size), "n_boot": int(n_boot)}
+
+
+def _percentile_test(boot: np.ndarray, diff: float, confidence: float) -> dict:
+    """Percentile interval and two-sided p-value of bootstrap replicates (see paired_bootstrap)."""
     alpha = 1.0 - confidence
     lo, hi = np.quantile(boot, [alpha / 2, 1.0 - alpha / 2])
     other_side = int((boot <= 0).sum()) if diff >= 0 else int((boot >= 0).sum())
-    p_value = min(1.0, 2.0 * (other_side + 1) / (n_boot + 1))
-    return {"diff": diff, "ci": (float(lo), float(hi)), "p_value": p_value,
-            "n_problems": int(d.size), "n_boot": int(n_boot)}
+    return {"ci": (float(lo), float(hi)), "p_value": min(1.0, 2.0 * (other_side + 1) / (boot.size + 1))}
+
+
+def _seed_matrix(scores, name: str, who: str) -> np.ndarray:
+    x = np.asarray(scores, dtype=np.float64)
+    if x.ndim != 2 or 0 in x.shape:
+        raise ValueError(f"{name}: {who} must be a non-empty [seeds, problems] array, got shape {x.shape}")
+    return x
+
+
+def hierarchical_bootstrap(scores_a, scores_b, n_boot: int = 10000, seed: int = 0,
+                           confidence: float = 0.95) -> dict:
+    """Two-level bootstrap over training seeds and problems: is method a better than method b, counting both the
+    problems that happened to be drawn and the seeds that happened to be trained?
+
+    scores_a [n_seeds_a, n_problems], scores_b [n_seeds_b, n_problems]: seed s's score on problem i, the same
+    problems in the same order for both (the seed counts may differ). Each replicate draws each arm's seeds with
+    replacement, independently (nothing pairs a's seed s with b's: paired_seed_t does that), then one set of
+    problem indices with replacement for both arms (paired over problems, as in paired_bootstrap), and takes
+    mean(a) - mean(b) over the drawn seeds and problems. Returns paired_bootstrap's keys (diff = mean(a) - mean(b),
+    the same point estimate; ci; p_value, defined as there) and n_seeds_a, n_seeds_b.
+
+    Biases to know (with S seeds, P problems): the seed level's bootstrap variance is (S-1)/S of the sample
+    variance and S seeds have only C(2S-1, S) distinct resamples (10 for S = 3), so with 3 seeds the interval is
+    somewhat too narrow; resampling both crossed factors counts the seed x problem noise (e.g. the sampling noise
+    of a problem's k samples within one seed) about three times instead of once, so the interval is conservative
+    where that noise dominates. Both are derived in tests/test_stats.py, whose closed form of the bootstrap
+    variance the replicates match.
+    Where the arms share seeds, paired_seed_t is exact under normality at any S.
+    Deterministic in seed (numpy's PCG64).
+    """
+    a = _seed_matrix(scores_a, "hierarchical_bootstrap", "scores_a")
+    b = _seed_matrix(scores_b, "hierarchical_bootstrap", "scores_b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"hierarchical_bootstrap: the arms must share their problems, got {a.shape[1]} and "
+                         f"{b.shape[1]} columns")
+    if n_boot < 1:
+        raise ValueError(f"hierarchical_bootstrap: need n_boot >= 1, got {n_boot}")
+    (sa, n), sb = a.shape, b.shape[0]
+    diff = float(a.mean() - b.mean())
+    rng = np.random.default_rng(seed)
+    boot = np.empty(n_boot)
+    rows = max(1, (1 << 22) // n)
+    for start in range(0, n_boot, rows):
+        stop = min(n_boot, start + rows)
+        # level 1, seeds: how often each seed is drawn, so each replicate's per-problem arm mean is one product
+        d = (rng.multinomial(sa, np.full(sa, 1 / sa), size=stop - start) @ a / sa
+             - rng.multinomial(sb, np.full(sb, 1 / sb), size=stop - start) @ b / sb)  # [m, n]
+        # level 2, problems: the same indices for both arms
+        boot[start:stop] = np.take_along_axis(d, rng.integers(0, n, size=d.shape), 1).mean(1)
+    return {"diff": diff, **_percentile_test(boot, diff, confidence), "n_problems": n, "n_boot": int(n_boot),
+            "n_seeds_a": sa, "n_seeds_b": sb}
+
+
+def paired_seed_t(scores_a, scores_b, confidence: float = 0.95) -> dict:
+    """Paired t-test over seeds, for arms trained from the same seeds: a's seed s against b's seed s.
+
+    scores_a, scores_b [n_seeds, n_problems] on the same problems, rows in the same seed order. The per-seed
+    differences d_s = mean over problems of (a[s] - b[s]) are tested with Student's t on n - 1 degrees of freedom:
+    t = mean(d) / (std(d) / sqrt(n)), p two-sided = 2 P(T > |t|), ci = mean(d) +- t_{(1+confidence)/2} std(d) /
+    sqrt(n) (mean_ci of d). Exact for normal d at any seed count, where a 3-seed bootstrap is not; but every d_s is
+    over the same problems, so it answers "on these problems" (hierarchical_bootstrap adds the problem draw).
+    Returns diff, ci, p_value, t, dof, n_seeds, n_problems. std(d) = 0 gives p 1 for diff 0, else 0.
+    """
+    a = _seed_matrix(scores_a, "paired_seed_t", "scores_a")
+    b = _seed_matrix(scores_b, "paired_seed_t", "scores_b")
+    if a.shape != b.shape or a.shape[0] < 2:
+        raise ValueError(f"paired_seed_t: need the same >= 2 seeds and the same problems in both arms, got shapes "
+                         f"{a.shape} and {b.shape}")
+    d = a.mean(1) - b.mean(1)
+    diff, lo, hi = mean_ci(d, confidence)
+    se = float(d.std(ddof=1)) / math.sqrt(d.size)
+    if se == 0:
+        t, p_value, lo, hi = math.copysign(math.inf, diff) if diff else 0.0, 0.0 if diff else 1.0, diff, diff
+    else:
+        t = diff / se
+        p_value = min(1.0, 2.0 * t_cdf(-abs(t), d.size - 1))
+    return {"diff": diff, "ci": (lo, hi), "p_value": p_value, "t": t, "dof": d.size - 1, "n_seeds": int(d.size),
+            "n_problems": int(a.shape[1])}
 
 
 # ============================================================================= analysis metrics (torch)

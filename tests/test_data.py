@@ -128,3 +128,49 @@ def test_render_prompt_styles(tiny):
 
 def test_registry_covers_the_papers_benchmarks():
     assert {"dapo17k", "aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench", "gpqa_diamond"} <= set(BENCHMARKS)
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    good = json.dumps({"problem": "ok", "answer": "1"})
+    path = tmp_path / "broken.jsonl"
+    path.write_text(f"{good}\n{good}\n" + '{"problem": "p", "answer": \n' + f"{good}\n")
+    with pytest.raises(DataError, match=r"^\S*broken\.jsonl, line 3: not valid JSON") as e:
+        load_problems(str(path))
+    assert "\n" not in str(e.value)
+    path.write_text(f"{good}\n\n[1, 2]\n")                       # blank lines count; a list is not a row
+    with pytest.raises(DataError, match=r"broken\.jsonl, line 3: expected a JSON object"):
+        load_problems(str(path))
+    array = tmp_path / "broken.json"                             # one JSON array: the line where it breaks
+    array.write_text(f"[{good},\n" + '{"problem": "p" "answer": "2"}]\n')
+    with pytest.raises(DataError, match=r"broken\.json, line 2: not valid JSON"):
+        load_problems(str(array))
+    bad_parquet = tmp_path / "broken.parquet"
+    bad_parquet.write_bytes(b"PAR1 not a parquet file")
+    with pytest.raises(DataError, match=r"broken\.parquet: cannot be read as parquet"):
+        load_problems(str(bad_parquet))
+
+
+def _gated_error():
+    import httpx2
+    from huggingface_hub.errors import GatedRepoError
+    request = httpx2.Request("GET", "https://huggingface.co/datasets/Idavidrein/gpqa/resolve/main/README.md")
+    return GatedRepoError("401 Client Error. Cannot access gated repo.", response=httpx2.Response(401, request=request))
+
+
+@pytest.mark.parametrize("error", [
+    _gated_error,                                                # what huggingface_hub raises while downloading
+    # what datasets makes of it while resolving the dataset (the hub's error is dropped from the chain)
+    lambda: __import__("datasets").exceptions.DatasetNotFoundError(
+        "Dataset 'Idavidrein/gpqa' is a gated dataset on the Hub. You must be authenticated to access it."),
+])
+def test_gated_gpqa_says_how_to_get_access(monkeypatch, error):
+    import datasets
+
+    def load_dataset(*args, **kwargs):
+        raise error()
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError) as e:
+        load_problems("gpqa_diamond")
+    msg = str(e.value)
+    assert "gated" in msg and "https://huggingface.co/datasets/Idavidrein/gpqa" in msg
+    assert "licence" in msg and "hf auth login" in msg and "HF_TOKEN" in msg and "\n" not in msg

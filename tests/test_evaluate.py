@@ -11,7 +11,7 @@ import torch
 
 import evaluate
 from common.data import load_problems
-from common.stats import mean_ci, paired_bootstrap, pass_at_k
+from common.stats import hierarchical_bootstrap, mean_ci, paired_bootstrap, paired_seed_t, pass_at_k
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--prompt-style", "plain", "--rollout-engine", "hf", "--grade-workers", "0", "--device", "cpu"]
@@ -78,6 +78,41 @@ def test_compare_closed_form_tau_copy_and_self(tiny, tmp_path):
     assert r["n_sequences"] == 4 and r["n_tokens"] > 40                # under the budget: every response token
     md = (out / "results.md").read_text()
     assert "## Comparison: closed vs base (BASE)" in md and "## Comparison: base vs base (BASE)" in md
+
+
+@pytest.mark.parametrize("which", ["fixture", "shipped"])
+def test_compare_scores_in_float32_where_generation_runs_in_bf16(which, tiny, tmp_path, monkeypatch):
+    """On CUDA hf_model's default is bf16 (HF-engine generation); the comparison must still score in float32, or
+    bf16 rounding (of norm.weight / tau per channel, of every activation) shows up as a change that is not a
+    temperature (bf16 scoring gave tau* 1.4971 on the random fixture; KL at tau* 3e-7 and top-10 overlap 0.9975 on
+    the shipped model). Emulated by making bf16 the default on the CPU, on a bf16 copy of each model: its closed
+    form is written in float32 (every other weight an exact upcast), so the comparison must be exact."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from reheat_tsopsd import closed_form_reheat
+    model, test = ((tiny["model"], tiny["test"]) if which == "fixture" else
+                   (os.path.join(ROOT, "assets", "tiny_math", "model"),
+                    os.path.join(ROOT, "assets", "tiny_math", "data", "test.jsonl")))
+    base = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(model).save_pretrained(base)
+    closed = closed_form_reheat(str(base), 1.5, str(tmp_path / "closed"))
+    with safe_open(os.path.join(closed, "model.safetensors"), "pt") as f, \
+            safe_open(os.path.join(base, "model.safetensors"), "pt") as g:
+        for name in g.keys():
+            want = g.get_tensor(name).float() / (1.5 if name == "model.norm.weight" else 1.0)
+            assert f.get_tensor(name).dtype == torch.float32 and torch.equal(f.get_tensor(name), want), name
+    real = evaluate.hf_model
+    monkeypatch.setattr(evaluate, "hf_model",
+                        lambda path, device, dtype=None: real(path, device, dtype or torch.bfloat16))   # CUDA's default
+    out = tmp_path / "out"
+    run(out, "--compare", f"base={base}", closed, "--benchmarks", f"test={test}", "--compare-problems", "4",
+        "--compare-n", "2", "--max-tokens", "16", "--analysis-tokens", "40")
+    r = load(out / "compare__base__vs__closed.json")
+    et = r["effective_temperature"]
+    assert et["tau"] == pytest.approx(1.5, abs=1e-3) and et["explained"] >= 0.999 and et["kl"] < 1e-8
+    assert r["topk_overlap"] == {"1": 1.0, "5": 1.0, "10": 1.0}
+    assert r["sharpness"]["other"]["logit_std"] == pytest.approx(r["sharpness"]["base"]["logit_std"] / 1.5, rel=1e-5)
 
 
 def test_displacement_of_constructed_checkpoints(tiny, tmp_path):
@@ -159,10 +194,10 @@ def test_arms_ci_and_paired_bootstrap(tiny, tmp_path, monkeypatch):
     ids = [p.id for p in load_problems(str(qa))]
     out = tmp_path / "out"
     g = torch.Generator().manual_seed(0)
-    arms = {"a": [], "b": []}
+    arms = {"a": [], "b": [], "c": []}
     scores = {}
-    for arm, p_right in (("a", 0.3), ("b", 0.7)):
-        for s in range(3):
+    for arm, p_right, n_seeds in (("a", 0.3, 3), ("b", 0.7, 3), ("c", 0.5, 2)):
+        for s in range(n_seeds):
             path = tmp_path / f"{arm}{s}"
             shutil.copytree(tiny["model"], path)
             arms[arm].append(str(path))
@@ -172,8 +207,8 @@ def test_arms_ci_and_paired_bootstrap(tiny, tmp_path, monkeypatch):
             os.makedirs(f.parent, exist_ok=True)
             write_jsonl(f, [{"id": i, "samples": [sample(str(c), c) for c in cs]} for i, cs in zip(ids, correct)])
     forbid_generation(monkeypatch)
-    run(out, "--arms", "a=" + ",".join(arms["a"]), "b=" + ",".join(arms["b"]), "--benchmarks", str(qa), "--k", "4",
-        "--n-boot", "2000")
+    run(out, "--arms", *[f"{arm}=" + ",".join(paths) for arm, paths in arms.items()], "--benchmarks", str(qa),
+        "--k", "4", "--n-boot", "2000")
     r = load(next(out.glob("arms__*.json")))
     per_seed = {lab: [sum(c) / 4 for c in cs] for lab, cs in scores.items()}
     for arm in ("a", "b"):
@@ -184,9 +219,22 @@ def test_arms_ci_and_paired_bootstrap(tiny, tmp_path, monkeypatch):
         assert r["arms"][arm]["macro"]["mean"] == pytest.approx(mean)
     avg = {arm: [sum(per_seed[f"{arm}_s{s}"][i] for s in range(3)) / 3 for i in range(6)] for arm in ("a", "b")}
     want = paired_bootstrap(avg["a"], avg["b"], n_boot=2000, seed=0)
-    (test,) = [t for t in r["tests"] if t["benchmark"] == "qa"]
+    test, _, _ = [t for t in r["tests"] if t["benchmark"] == "qa"]
     assert (test["a"], test["b"]) == ("a", "b") and test["diff"] == pytest.approx(want["diff"])
     assert test["p_value"] == pytest.approx(want["p_value"]) and test["ci"] == pytest.approx(list(want["ci"]))
+    # seed-aware: each arm's [seeds, problems] matrix, seed s of a paired with seed s of b
+    seeds = {arm: [per_seed[f"{arm}_s{s}"] for s in range(len(arms[arm]))] for arm in arms}
+    boot = hierarchical_bootstrap(seeds["a"], seeds["b"], n_boot=2000, seed=0)
+    paired = paired_seed_t(seeds["a"], seeds["b"])
+    assert test["seed_bootstrap"]["diff"] == pytest.approx(want["diff"])
+    assert test["seed_bootstrap"]["ci"] == pytest.approx(list(boot["ci"]))
+    assert test["seed_bootstrap"]["p_value"] == pytest.approx(boot["p_value"])
+    assert test["seed_bootstrap"]["n_seeds_a"] == test["seed_bootstrap"]["n_seeds_b"] == 3
+    assert test["seed_paired_t"]["ci"] == pytest.approx(list(paired["ci"]))
+    assert test["seed_paired_t"]["p_value"] == pytest.approx(paired["p_value"]) and test["seed_paired_t"]["dof"] == 2
+    uneven = [t for t in r["tests"] if t["b"] == "c"]             # 3 seeds against 2: nothing to pair
+    assert len(uneven) == 4 and all(t["seed_paired_t"] is None and t["seed_bootstrap"]["n_seeds_b"] == 2
+                                    for t in uneven)
     assert "## Seeds" in (out / "results.md").read_text()
 
 

@@ -95,6 +95,34 @@ MATH_CASES = [
     ("Answer: 1/2", "$\\frac{1}{2}$", 1.0),
 ]
 
+# e-notation (Minerva-Math's gold answers are written "4.5e33"): equal numbers in any of the forms match, in
+# either role; a different mantissa, exponent or exponent sign does not.
+E_NOTATION_CASES = [
+    ("Answer: 4.5 \\times 10^{33}", "4.5e33", 1.0),
+    ("Answer: 4.5e33", "4.5 \\times 10^{33}", 1.0),
+    ("Answer: 4.5 \\cdot 10^{33}", "4.5e33", 1.0),
+    ("Answer: 4.5e33", "4.5 \\cdot 10^{33}", 1.0),
+    ("Answer: 4.5 \\times 10^33", "4.5e33", 1.0),       # no braces
+    ("Answer: 4.5E+33", "4.5 \\times 10^{33}", 1.0),
+    ("Answer: 4.5e33", "4.5E+33", 1.0),
+    ("Answer: 4.5 \\times 10^{-3}", "4.5e-3", 1.0),
+    ("Answer: 4.5e-3", "4.5 \\cdot 10^{-3}", 1.0),
+    ("Answer: 0.0045", "4.5e-3", 1.0),
+    ("Answer: 10^{33}", "1e33", 1.0),                     # a bare power of ten
+    ("Answer: 1e33", "10^{33}", 1.0),
+    ("Answer: 45 \\times 10^{32}", "4.5e33", 1.0),       # the same number, not normalised
+    ("\\boxed{6.2 \\times 10^{-10}}", "6.2e-10", 1.0),
+    ("Answer: 4.5 \\times 10^{33} kg", "4.5e33", 1.0),   # a known unit is dropped, as for plain numbers
+    ("Answer: 4.5 \\times 10^{32}", "4.5e33", 0.0),      # different exponent
+    ("Answer: 4.5e32", "4.5 \\times 10^{33}", 0.0),
+    ("Answer: 4.5 \\times 10^{-33}", "4.5e33", 0.0),     # exponent sign
+    ("Answer: 4.6 \\times 10^{33}", "4.5e33", 0.0),      # different mantissa
+    ("Answer: 4.5e33", "4.6 \\cdot 10^{33}", 0.0),
+    ("Answer: 4.6e-10", "4.5 \\times 10^{-10}", 0.0),    # tiny numbers are not all "0 after rounding"
+    ("Answer: 4.5", "4.5e33", 0.0),
+    ("Answer: 10^{33}", "4.5e33", 0.0),
+]
+
 # Multiple choice (GPQA): the answer must be the letter itself.
 CHOICE_CASES = [
     ("Answer: C", "C", 1.0),
@@ -119,6 +147,22 @@ def _ids(cases):
 @pytest.mark.parametrize("response,ground_truth,expected", MATH_CASES, ids=_ids(MATH_CASES))
 def test_grade_math(response, ground_truth, expected):
     assert grade(response, ground_truth) == expected
+
+
+@pytest.mark.parametrize("response,ground_truth,expected", E_NOTATION_CASES, ids=_ids(E_NOTATION_CASES))
+def test_grade_e_notation(response, ground_truth, expected):
+    assert grade(response, ground_truth) == expected
+
+
+@pytest.mark.parametrize("text,expanded", [
+    ("4.5e33", "4.5 \\times 10^{33}"),
+    ("-1.5E-07 m", "-1.5 \\times 10^{-7} m"),
+    ("(2e3, 3e+4)", "(2 \\times 10^{3}, 3 \\times 10^{4})"),
+    # not e-notation: Euler's e in a product or a power, a name, a hex-like id, a version string
+    ("2e", "2e"), ("2e^{3}", "2e^{3}"), ("x2e3", "x2e3"), ("\\theta1e3", "\\theta1e3"), ("1.2e3.4", "1.2e3.4"),
+])
+def test_expand_e_notation(text, expanded):
+    assert grading._expand_e_notation(text) == expanded
 
 
 @pytest.mark.parametrize("response,ground_truth,expected", CHOICE_CASES, ids=_ids(CHOICE_CASES))
@@ -192,6 +236,7 @@ def _hostile_responses():
         "Answer: 9**9**9**9",
         "Answer: 100000!",
         "Answer: 2^{100000000}",
+        "Answer: 9.9e99999999",                            # e-notation is a power of ten too
         "Answer: \\binom{1000000000}{500000000}",
         junk,                                              # random bytes
         "Answer: " + junk[:300],

@@ -359,7 +359,11 @@ def test_bf16_compute_is_close_to_fp32(vllm_run, tiny_warm, tmp_path, sharding):
         assert row[k] == ref[k], k                                  # same samples
     assert 1e-4 < row["rollout/logprob_diff_mean"] < 0.01       # measured ~9e-4
     assert row["train/entropy"] == pytest.approx(ref["train/entropy"], rel=0.02)
-    assert row["train/grad_norm"] == pytest.approx(ref["train/grad_norm"], rel=0.03)
+    # grad_norm is the mean over the step's 2 mini-batches, and the second follows an Adam step at lr 1e-3 whose
+    # first update is ~lr x sign(g): bf16 rounding of near-zero gradient coordinates flips some of those signs.
+    # Measured (FSDP2 bf16, 2 processes): one mini-batch 1.2% from fp32, independent of --micro-batch-tokens
+    # (1 / 64 / 4096 within 0.2% of each other); two mini-batches 9%. DDP (bf16 autocast): within 3%.
+    assert row["train/grad_norm"] == pytest.approx(ref["train/grad_norm"], rel=0.03 if sharding == "ddp" else 0.12)
     assert row["train/pg_loss"] == pytest.approx(ref["train/pg_loss"], abs=1e-3)      # |pg_loss| ~3e-3
 
 

@@ -8,8 +8,8 @@ import torch
 
 from common.stats import (
     TAU_RANGE, avg_at_k, displacement_metrics, distinct_count, effective_temperature, linear_cka, maj_at_k,
-    mean_ci, mean_cosine, normalize_answer, paired_bootstrap, param_delta, pass_at_k, sharpness, summarize,
-    t_cdf, t_quantile, topk_overlap,
+    hierarchical_bootstrap, mean_ci, mean_cosine, normalize_answer, paired_bootstrap, paired_seed_t, param_delta,
+    pass_at_k, sharpness, summarize, t_cdf, t_quantile, topk_overlap,
 )
 
 # ----------------------------------------------------------------------------- pass@k, avg@k, maj@k
@@ -164,6 +164,124 @@ def test_paired_bootstrap_better_arm_and_determinism():
     assert noise["p_value"] == pytest.approx(math.erfc(abs(z) / math.sqrt(2)), abs=0.03)
     with pytest.raises(ValueError):
         paired_bootstrap([1.0, 2.0], [1.0])
+
+
+# ----------------------------------------------------------------------------- seeds and problems together
+
+
+def _arms(rng, seed_offsets_a, seed_offsets_b, effect, n_problems, noise):
+    """[seeds, problems] scores of two arms: shared problem difficulty, per-seed offsets, per-cell noise."""
+    difficulty = rng.random(n_problems)
+    a, b = (difficulty + np.asarray(offsets)[:, None] + noise * rng.standard_normal((len(offsets), n_problems))
+            for offsets in (seed_offsets_a, seed_offsets_b))
+    return a + effect, b
+
+
+def test_seed_variance_dominates_only_the_problem_only_test_is_fooled():
+    """Equal arms up to large between-seed differences (seed means of a and b differ by 0.04 only because of which
+    seeds were trained), 400 problems: resampling problems alone calls that certain; the seed-aware tests do not."""
+    a, b = _arms(np.random.default_rng(0), [0.08, -0.04, 0.02], [-0.05, 0.03, -0.04], 0.0, 400, 0.02)
+    problems_only = paired_bootstrap(a.mean(0), b.mean(0), n_boot=4000)
+    seeds = hierarchical_bootstrap(a, b, n_boot=4000)
+    paired = paired_seed_t(a, b)
+    assert problems_only["p_value"] < 1e-3 and problems_only["ci"][0] > 0
+    assert seeds["diff"] == pytest.approx(problems_only["diff"]) == pytest.approx(float(a.mean() - b.mean()))
+    assert seeds["p_value"] > 0.1 and seeds["ci"][0] < 0 < seeds["ci"][1]
+    assert paired["p_value"] > 0.1 and paired["ci"][0] < 0 < paired["ci"][1]
+    assert (seeds["n_seeds_a"], seeds["n_seeds_b"], seeds["n_problems"], seeds["n_boot"]) == (3, 3, 400, 4000)
+
+
+def test_large_effect_small_seed_variance_all_tests_agree():
+    a, b = _arms(np.random.default_rng(1), [0.005, -0.004, 0.0], [0.0, 0.004, -0.005], 0.1, 200, 0.05)
+    for out in (paired_bootstrap(a.mean(0), b.mean(0), n_boot=4000), hierarchical_bootstrap(a, b, n_boot=4000),
+                paired_seed_t(a, b)):
+        assert out["p_value"] < 1e-3 and 0.05 < out["ci"][0] < out["diff"] < out["ci"][1] < 0.15
+    assert hierarchical_bootstrap(a, b, n_boot=4000)["p_value"] == pytest.approx(2 / 4001)   # no replicate <= 0
+    reverse = hierarchical_bootstrap(b, a, n_boot=4000, seed=5)
+    assert reverse["diff"] == pytest.approx(-(a.mean() - b.mean())) and reverse["ci"][1] < 0
+    assert hierarchical_bootstrap(b, a, n_boot=4000, seed=5) == reverse
+
+
+def test_hierarchical_bootstrap_variance_matches_closed_form():
+    """Given the data, a replicate is D* = w_a^T A v - w_b^T B v, with w = (seed draw counts) / S and
+    v = (problem draw counts) / P independent multinomials: E w = 1/S, Cov w = (I - J/S) / S^2 (J all ones), and
+    the same for v with P. So, in float64,
+        Var D* = c^T Cov(v) c + tr(M Cov v) + 1^T M 1 / P^2,   c = A^T 1/S_a - B^T 1/S_b,  M = A^T Cov(w_a) A + (b).
+    (In a model a[s, p] = seed_s + problem_p + noise_sp this is about (S-1)/S^2 var(seed) + var(problem)/P +
+    (3 - 1/S) var(noise)/(S P): the biases the docstring names.) Many seeds and problems make D* nearly normal,
+    so the 95% interval must be diff +- 1.96 sqrt(Var D*)."""
+    rng = np.random.default_rng(2)
+    a, b = _arms(rng, 0.05 * rng.standard_normal(12), 0.05 * rng.standard_normal(9), 0.03, 60, 0.1)
+
+    def seed_cov(s):
+        return (np.eye(s) - 1.0 / s) / s ** 2
+    p = a.shape[1]
+    cov_v = seed_cov(p)
+    c = a.mean(0) - b.mean(0)
+    m = a.T @ seed_cov(len(a)) @ a + b.T @ seed_cov(len(b)) @ b
+    var = c @ cov_v @ c + np.trace(m @ cov_v) + m.sum() / p ** 2
+    out = hierarchical_bootstrap(a, b, n_boot=40000, seed=1)
+    half = 1.959964 * math.sqrt(var)
+    assert out["ci"][0] == pytest.approx(out["diff"] - half, abs=0.04 * half)
+    assert out["ci"][1] == pytest.approx(out["diff"] + half, abs=0.04 * half)
+    # The problem-only interval is the P-level term alone, and much narrower here.
+    narrow = paired_bootstrap(a.mean(0), b.mean(0), n_boot=40000, seed=1)
+    assert narrow["ci"][1] - narrow["ci"][0] == pytest.approx(2 * 1.959964 * math.sqrt(c @ cov_v @ c), rel=0.04)
+    assert narrow["ci"][1] - narrow["ci"][0] < 0.6 * (out["ci"][1] - out["ci"][0])
+
+
+def test_paired_seed_t_closed_forms():
+    """t on dof = 2 (3 seeds) and dof = 1 (2 seeds) has a closed-form CDF: P(|T| > t) = 1 - t / sqrt(2 + t^2),
+    and 1 - 2 atan(t) / pi; the 95% quantiles are 4.302653 and 12.706205."""
+    rng = np.random.default_rng(3)
+    for n_seeds, p_of, q in ((3, lambda t: 1 - t / math.sqrt(2 + t * t), 4.302653),
+                             (2, lambda t: 1 - 2 * math.atan(t) / math.pi, 12.706205)):
+        a, b = rng.random((n_seeds, 7)), rng.random((n_seeds, 7))
+        d = [sum(a[s] - b[s]) / 7 for s in range(n_seeds)]
+        mean = sum(d) / n_seeds
+        se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n_seeds - 1) / n_seeds)
+        out = paired_seed_t(a, b)
+        assert out["diff"] == pytest.approx(mean, rel=1e-12) and out["t"] == pytest.approx(mean / se, rel=1e-12)
+        assert out["p_value"] == pytest.approx(p_of(abs(mean / se)), rel=1e-9, abs=1e-12)
+        assert out["ci"] == pytest.approx((mean - q * se, mean + q * se), rel=1e-6)
+        assert (out["dof"], out["n_seeds"], out["n_problems"]) == (n_seeds - 1, n_seeds, 7)
+    same = paired_seed_t(a, a)
+    assert same["diff"] == 0 and same["p_value"] == 1.0 and same["ci"] == (0.0, 0.0)
+    shifted = paired_seed_t(a + 0.25, a)                      # the same difference on every seed
+    assert shifted["p_value"] < 1e-6 and shifted["ci"] == pytest.approx((0.25, 0.25))
+
+
+def test_seed_aware_intervals_cover_at_about_the_nominal_rate():
+    """200 simulated experiments, 6 seeds per arm, 40 problems: a[s, p] = mu_a + seed_s + problem_p +
+    arm-problem_p + noise. The two-level bootstrap targets mu_a - mu_b (new seeds and new problems); the paired t,
+    which conditions on the problems, targets mu_a - mu_b + mean_p (arm-problem_a - arm-problem_b). With 6 seeds the
+    bootstrap's interval is a little short (its seed variance is 5/6 of the sample's, and not t-widened)."""
+    rng = np.random.default_rng(4)
+    hits_boot = hits_t = 0
+    n_sims, n_seeds, n_problems, mu = 200, 6, 40, 0.02
+    for sim in range(n_sims):
+        problem = 0.2 * rng.standard_normal(n_problems)
+        arm_problem = 0.05 * rng.standard_normal((2, n_problems))
+        a, b = (problem + arm_problem[i] + 0.05 * rng.standard_normal((n_seeds, 1))
+                + 0.05 * rng.standard_normal((n_seeds, n_problems)) for i in range(2))
+        a += mu
+        lo, hi = hierarchical_bootstrap(a, b, n_boot=400, seed=sim)["ci"]
+        hits_boot += lo <= mu <= hi
+        lo, hi = paired_seed_t(a, b)["ci"]
+        hits_t += lo <= mu + arm_problem[0].mean() - arm_problem[1].mean() <= hi
+    assert 0.86 <= hits_boot / n_sims <= 0.99
+    assert 0.90 <= hits_t / n_sims <= 0.99
+
+
+def test_seed_tests_reject_bad_shapes():
+    good = np.zeros((3, 5))
+    for bad, fn in ((np.zeros(5), hierarchical_bootstrap), (np.zeros((3, 4)), hierarchical_bootstrap),
+                    (np.zeros((0, 5)), hierarchical_bootstrap), (np.zeros((2, 5)), paired_seed_t),
+                    (np.zeros((3, 4)), paired_seed_t)):
+        with pytest.raises(ValueError, match=fn.__name__):
+            fn(good, bad)
+    with pytest.raises(ValueError, match=">= 2 seeds"):
+        paired_seed_t(np.zeros((1, 5)), np.zeros((1, 5)))
 
 
 # ----------------------------------------------------------------------------- effective temperature
