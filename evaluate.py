@@ -108,15 +108,16 @@ import zlib
 import numpy as np
 import torch
 
-from common.cli import arg, parse_args
+from common.cli import arg, check_context_length, parse_args
 from common.data import BENCHMARKS, LOCAL_EXTENSIONS, PROMPT_STYLES, DataError, load_problems, render_prompt
 from common.dist import (all_gather_objects, check_model_path, cleanup_distributed, derive_seed, init_distributed,
                          print0, resolve_model_path)
 from common.eval_io import (Delta, Weights, dump, fingerprint, layer_of, plot_comparison, plot_runs, read_cache,
                             sq_norm, write_markdown)
-from common.grading import extract_answer, grade_batch
+from common.grading import extract_answer, grade_batch, truncated_is_wrong
 from common.losses import entropy_from_hidden
-from common.rollout import make_engine, pack_sequences
+from common.batching import pack_padding_free
+from common.rollout import make_engine
 from common.runlog import make_run_dir
 from common.stats import (distinct_count, displacement_metrics, effective_temperature, hierarchical_bootstrap,
                           linear_cka, mean_ci, mean_cosine, paired_bootstrap, paired_seed_t, sharpness, summarize,
@@ -169,13 +170,16 @@ class Args:
     gen_chunk: int = arg(64, "problems per rank between cache writes (what a kill can lose)", group="sampling")
     grade_workers: int | None = arg(None, "grading processes (None: from the core count; 0: inline)", group="sampling")
     grade_timeout: float = arg(5.0, "seconds per graded response before it counts as wrong", group="sampling")
+    grade_truncated: bool = arg(False, "grade responses cut at --max-tokens on their text (default: they count as "
+                                "wrong, as in training; the truncated fraction is reported either way)", group="sampling")
     # analyses
     compare_data: str = arg("", "benchmarks whose prompts --compare uses (default: --benchmarks)", group="analyses")
     compare_problems: int = arg(64, "prompts for --compare (a seeded sample of the pooled benchmarks)", group="analyses")
     compare_n: int = arg(8, "samples per prompt and model for --compare's diversity", group="analyses")
     analysis_tokens: int = arg(8192, "response positions analysed: a seeded uniform sample over BASE's first "
                                "sample of every --compare prompt (all of them if fewer)", group="analyses")
-    micro_batch_size: int = arg(4, "sequences per scoring forward", group="analyses")
+    micro_batch_tokens: int = arg(4096, "tokens per padding-free scoring forward (a longer sequence runs alone)",
+                                  group="analyses")
     chunk_size: int = arg(64, "token rows per logits chunk (each a few [chunk, vocab] float64 buffers)", group="analyses")
     n_boot: int = arg(10000, "bootstrap resamples for the tests between arms", group="analyses")
     # systems and output
@@ -262,7 +266,7 @@ def check_args(a: Args) -> dict:
     for c in ckpts + [c for cs in arms.values() for c in cs] + compare + disp:
         check_model_path(c.path)
     for name in ("k", "max_tokens", "gen_chunk", "hf_batch_size", "compare_problems", "compare_n", "analysis_tokens",
-                 "micro_batch_size", "chunk_size", "n_boot"):
+                 "micro_batch_tokens", "chunk_size", "n_boot"):
         if getattr(a, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
     if a.temperature <= 0 or not 0 < a.top_p <= 1:
@@ -277,7 +281,8 @@ def check_args(a: Args) -> dict:
 
 def settings_tag(a: Args, n: int, with_ids: bool = False) -> str:
     """What the samples depend on (the engine is not included: recorded in the cache's .meta.json)."""
-    return f"n{n}_T{a.temperature:g}_p{a.top_p:g}_L{a.max_tokens}_{a.prompt_style}_s{a.seed}" + ("_ids" if with_ids else "")
+    return (f"n{n}_T{a.temperature:g}_p{a.top_p:g}_L{a.max_tokens}_{a.prompt_style}_s{a.seed}"
+            f"_cut{'graded' if a.grade_truncated else 'wrong'}" + ("_ids" if with_ids else ""))
 
 
 def problem_seed(a: Args, bench: str, pid: str) -> int:
@@ -303,6 +308,7 @@ def sample_and_grade(a: Args, engine, tokenizer, bench: str, problems, n: int, w
     correct = grade_batch(texts, [p.answer for p, g in zip(problems, groups) for _ in g],
                           is_choice=[p.is_choice for p, g in zip(problems, groups) for _ in g],
                           num_workers=a.grade_workers, timeout_s=a.grade_timeout)
+    correct = truncated_is_wrong(correct, [s.finish_reason for g in groups for s in g], a.grade_truncated)
     rows, i = [], 0
     for p, g in zip(problems, groups):
         samples = []
@@ -385,16 +391,24 @@ def score_sequences(path: str, seqs: list[tuple[list[int], list[int], np.ndarray
     captured = {}
     hooks = [m.register_forward_hook(lambda mod, inp, out, i=i: captured.__setitem__(
         i, out[0] if isinstance(out, tuple) else out)) for i, m in enumerate(modules)]
-    pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
     hidden = [[] for _ in modules]
     final = []
-    for s in range(0, len(seqs), a.micro_batch_size):
-        part = seqs[s:s + a.micro_batch_size]
-        ids, attn, _, _ = pack_sequences([(p, r) for p, r, _ in part], pad, device)
-        keep = torch.zeros_like(attn, dtype=torch.bool)
-        for row, (p, _, picks) in enumerate(part):
-            keep[row, len(p) - 1 + torch.as_tensor(picks, device=device)] = True   # the state at t predicts t+1
-        lm.model(input_ids=ids, attention_mask=attn)
+    # padding-free packed rows of consecutive sequences, at most --micro-batch-tokens tokens each (a longer one
+    # alone), so the kept rows stay in (sequence, position) order
+    parts, size = [], a.micro_batch_tokens
+    for seq in seqs:
+        if size + len(seq[0]) + len(seq[1]) > a.micro_batch_tokens:
+            parts.append([])
+            size = 0
+        parts[-1].append(seq)
+        size += len(seq[0]) + len(seq[1])
+    for part in parts:
+        ids, pos, _, _ = pack_padding_free([(p, r) for p, r, _ in part], device)
+        keep, offset = torch.zeros_like(ids, dtype=torch.bool), 0
+        for p, r, picks in part:
+            keep[0, offset + len(p) - 1 + torch.as_tensor(picks, device=device)] = True   # the state at t predicts t+1
+            offset += len(p) + len(r)
+        lm.model(input_ids=ids, position_ids=pos, use_cache=False)
         for i in range(len(modules)):
             hidden[i].append(captured[i][keep].cpu())            # [n, D] rows in (sequence, position) order
         final.append(captured[len(modules) - 1][keep].float())
@@ -609,9 +623,11 @@ def main(argv=None):
                     every = [p for ps_ in problems.values() for p in ps_] + [p for _, p in compare_problems]
                     max_prompt = max(len(tokenizer(render_prompt(p, tokenizer, args.prompt_style),
                                                    add_special_tokens=False).input_ids) for p in every)
+                    limit = check_context_length(c.path, max_prompt, args.max_tokens, flag="--max-tokens")
                     engine = make_engine(engine_kind, model=hf_model(c.path, info.device) if engine_kind == "hf"
                                          else None, model_path=c.path, tokenizer=tokenizer, info=info,
-                                         max_model_len=max_prompt + args.max_tokens + 8, seed=args.seed,
+                                         max_model_len=min(max_prompt + args.max_tokens + 8, limit or 1 << 30),
+                                         seed=args.seed,
                                          hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
                                          vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp,
                                          vllm_sleep=False)

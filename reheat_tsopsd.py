@@ -46,7 +46,7 @@ from common.cli import arg, check_context_length, parse_args, with_resumed_confi
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
 from common.dist import (all_reduce, check_sharding, cleanup_distributed, derive_seed, full_params, init_distributed,
                          print0, resolve_model_path, seed_everything, unwrap, use_bf16)
-from common.grading import extract_answer, grade_batch
+from common.grading import extract_answer, grade_batch, truncated_is_wrong
 from common.loading import load_sharded
 from common.losses import DIVERGENCES, fused_linear_kl
 from common.rollout import make_engine
@@ -99,7 +99,9 @@ class Args:
     device: str = arg("auto", "cuda, cpu, or auto", group="systems", choices=("auto", "cpu", "cuda"))
     sharding: str = arg("fsdp", "fsdp (FSDP2), ddp, or none", group="systems", choices=("fsdp", "ddp", "none"))
     bf16: bool | None = arg(None, "bf16 compute (default: CUDA yes, CPU no)", group="systems")
-    activation_checkpointing: bool = arg(False, "recompute activations in backward", group="systems")
+    activation_checkpointing: bool | None = arg(None, "recompute decoder activations in backward (default: on for CUDA, "
+                                                "off on CPU; bench/estimate_memory.py shows the paper's 20k-token "
+                                                "responses need it on 80 GB)", group="systems")
     seed: int = arg(0, "seed", group="systems")
     out: str = arg("runs", "root of run directories; with --closed-form, the output checkpoint directory", group="run")
     run_name: str = arg("", "run directory name (default: reheat_tsopsd__<seed>__<time>)", group="run")
@@ -184,8 +186,8 @@ def main(argv=None):
         teacher = load_sharded(ckpt, info, args.sharding, bf16=args.bf16, requires_grad=False)
         teacher.eval()
         head_name = "model.embed_tokens.weight" if unwrap(teacher).config.tie_word_embeddings else "lm_head.weight"
-        teacher_weight = next(t for name, t in full_params(teacher, names={head_name})).to(
-            info.device, torch.bfloat16 if use_bf16(info, args.bf16) else torch.float32)   # the compute dtype, once
+        compute_dtype = torch.bfloat16 if use_bf16(info, args.bf16) else torch.float32      # cast once, then gathered
+        teacher_weight = next(t for name, t in full_params(teacher, dtype=compute_dtype, names={head_name})).to(info.device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start_step, cursor = 0, 0
     if args.resume:
@@ -254,8 +256,7 @@ def main(argv=None):
         correct = grade_batch([s.text for g in groups for s in g], [p.answer for p, g in zip(batch, groups) for _ in g],
                               is_choice=[p.is_choice for p, g in zip(batch, groups) for _ in g],
                               num_workers=args.grade_workers)
-        correct = [0.0 if s.finish_reason == "length" and not args.grade_truncated else c      # as rl_dapo.py
-                   for c, s in zip(correct, (s for g in groups for s in g))]
+        correct = truncated_is_wrong(correct, [s.finish_reason for g in groups for s in g], args.grade_truncated)
         distinct = [distinct_count([extract_answer(s.text) for s in g]) for g in groups]
         m["time/grading"] = time.time() - t0
         # the ranks of a vLLM tensor-parallel group hold the same samples: each trains on its share of them

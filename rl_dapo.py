@@ -39,7 +39,7 @@ from common.cli import arg, check_context_length, parse_args, with_resumed_confi
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
 from common.dist import (all_gather_objects, all_reduce, check_model_path, check_sharding, cleanup_distributed, derive_seed,
                          init_distributed, print0, resolve_model_path, seed_everything)
-from common.grading import extract_answer, grade_batch
+from common.grading import extract_answer, grade_batch, truncated_is_wrong
 from common.loading import load_sharded
 from common.losses import chunked_logprob_entropy, entropy_from_hidden
 from common.rollout import make_engine
@@ -102,7 +102,9 @@ class Args:
     sharding: str = arg("fsdp", "fsdp (FSDP2), ddp, or none; ignored in a single process", group="systems",
                         choices=("fsdp", "ddp", "none"))
     bf16: bool | None = arg(None, "bf16 compute (default: on CUDA yes, on CPU no)", group="systems")
-    activation_checkpointing: bool = arg(False, "recompute decoder activations in backward to save memory", group="systems")
+    activation_checkpointing: bool | None = arg(None, "recompute decoder activations in backward (default: on for CUDA, "
+                                                "off on CPU; bench/estimate_memory.py shows the paper's 20k-token "
+                                                "responses need it on 80 GB)", group="systems")
     seed: int = arg(0, "seed; every rank/step derives its own from it", group="systems")
     # run directory
     out: str = arg("runs", "root directory of run directories", group="run")
@@ -272,8 +274,7 @@ def main(argv=None):
         choice = [p.is_choice for p, g in zip(problems, groups) for _ in g]
         correct = grade_batch(responses, truths, is_choice=choice, num_workers=args.grade_workers,
                               timeout_s=args.grade_timeout)
-        cut = [s.finish_reason == "length" for g in groups for s in g]
-        return [0.0 if c and not args.grade_truncated else x for x, c in zip(correct, cut)]
+        return truncated_is_wrong(correct, [s.finish_reason for g in groups for s in g], args.grade_truncated)
 
     # ------------------------------------------------------------------------- loss: forward heads
     T = args.rollout_temperature

@@ -175,9 +175,11 @@ def use_bf16(info: DistInfo, bf16: bool | None) -> bool:
 
 
 def shard_model(lm: nn.Module, info: DistInfo, mode: str = "fsdp", *, bf16: bool | None = None,
-                activation_checkpointing: bool = False, requires_grad: bool = True) -> nn.Module:
+                activation_checkpointing: bool | None = None, requires_grad: bool = True) -> nn.Module:
     """Wrap a HF causal LM in LMWithHead and shard it. mode: fsdp | ddp | none ("none" for one process).
 
+    activation_checkpointing: None = on for CUDA, off for CPU. On CUDA the attention kernel is flash-attention's
+    varlen one when installed, else flex_attention (common/batching.py: attention_implementation).
     bf16 (default: on for CUDA, off for CPU) keeps FSDP2's compute params in bf16 and reduces gradients
     in fp32; the master weights and optimizer state stay fp32 either way. A frozen model (the TS-OPSD
     teacher) passes requires_grad=False and is sharded the same way, so it costs 1/world of its size.
@@ -187,7 +189,13 @@ def shard_model(lm: nn.Module, info: DistInfo, mode: str = "fsdp", *, bf16: bool
     bf16 = use_bf16(info, bf16)
     if not any(p.is_meta for p in lm.parameters()):    # a meta-device model is materialised after sharding
         lm.to(info.device)
-    if activation_checkpointing:
+    if info.device.type == "cuda":                     # a variable-length kernel for padding-free packed rows
+        from common.batching import attention_implementation
+        lm.set_attn_implementation(attention_implementation("cuda"))
+        print0(f"[shard_model] attention: {lm.config._attn_implementation}")
+    # default: on for CUDA (bench/estimate_memory.py: Qwen3-8B at 21.5k tokens needs 175 GiB per rank without it,
+    # 28 GiB with it), off on CPU, where the tiny models need no memory saving
+    if activation_checkpointing if activation_checkpointing is not None else info.device.type == "cuda":
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False
     for p in lm.parameters():
@@ -233,6 +241,8 @@ def full_params(model: nn.Module, dtype: torch.dtype | None = None, names: set |
         if names is not None and name not in names:
             continue
         t = p.detach()
+        if dtype is not None:          # cast the shard, then gather: half the gather's memory for fp32 -> bf16
+            t = t.to(dtype)
         if hasattr(t, "full_tensor"):
             t = t.full_tensor()
-        yield name, (t.to(dtype) if dtype is not None else t)
+        yield name, t

@@ -176,11 +176,19 @@ def write_markdown(out: str):
         for arm, per in r["arms"].items():
             md.append(f"| {arm} | {per['n_seeds']} | " + " | ".join(
                 f"{fmt(per[b]['mean'])} [{fmt(per[b]['lo'])}, {fmt(per[b]['hi'])}]" for b in r["benchmarks"]) + " |")
-        md += ["", "Paired bootstrap over problems (per-problem accuracy averaged over each arm's seeds):", "",
-               "| A - B | benchmark | diff | 95% CI | p |", "|---|---|---|---|---|"]
+        md += ["", "A - B in per-problem accuracy, three ways. Problems only: paired bootstrap over problems of the "
+               "accuracy averaged over each arm's seeds (blind to training-seed variance). Seeds + problems: two-level "
+               "bootstrap, each arm's seeds, then the problems. Paired t: per-seed differences, the i-th checkpoints "
+               "of the two arms paired (equal seed counts only).", "",
+               "| A - B | benchmark | diff | 95% CI, problems only | p | 95% CI, seeds + problems | p | "
+               "95% CI, paired t | p |", "|" + "---|" * 9]
+
+        def ci(t):
+            return f"[{fmt(t['ci'][0])}, {fmt(t['ci'][1])}]" if t else "-"
         for t in r["tests"]:
-            md.append(f"| {t['a']} - {t['b']} | {t['benchmark']} | {fmt(t['diff'])} | "
-                      f"[{fmt(t['ci'][0])}, {fmt(t['ci'][1])}] | {fmt(t['p_value'], 4)} |")
+            sb, pt = t.get("seed_bootstrap") or {}, t.get("seed_paired_t") or {}
+            md.append(f"| {t['a']} - {t['b']} | {t['benchmark']} | {fmt(t['diff'])} | {ci(t)} | {fmt(t['p_value'], 4)} | "
+                      f"{ci(sb)} | {fmt(sb.get('p_value'), 4)} | {ci(pt)} | {fmt(pt.get('p_value'), 4)} |")
         md.append("")
     for f in sorted(glob.glob(os.path.join(out, "compare__*.json"))):
         r = json.load(open(f))

@@ -470,3 +470,15 @@ def grade_batch(responses: Sequence[str | None], ground_truths: Sequence[str], *
             _pool.close()
             _pool = None
             raise
+
+
+def truncated_is_wrong(correct: list[float], finish_reasons: list[str], grade_truncated: bool = False) -> list[float]:
+    """A response cut at the length limit (finish_reason "length") counts as wrong unless `grade_truncated`.
+
+    Graded on its whole text, a response that writes "Answer: 5" and then loops until the limit scores +1 plus
+    the overlong penalty (about 0), above a clean wrong answer (-1): RL would reward answering, then rambling,
+    and accuracy, avg@k and pass@k would count it. (verl's DAPO scorer reads only the last 300 characters, so
+    such a response is almost always wrong there too.) Used by rl_dapo.py, reheat_tsopsd.py and evaluate.py."""
+    if len(correct) != len(finish_reasons):
+        raise ValueError(f"{len(correct)} grades for {len(finish_reasons)} responses")
+    return [c if grade_truncated or f != "length" else 0.0 for c, f in zip(correct, finish_reasons)]

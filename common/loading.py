@@ -26,7 +26,7 @@ from common.dist import DistInfo, shard_model, unwrap
 
 
 def load_sharded(model_path: str, info: DistInfo, mode: str = "fsdp", *, bf16: bool | None = None,
-                 activation_checkpointing: bool = False, requires_grad: bool = True,
+                 activation_checkpointing: bool | None = None, requires_grad: bool = True,
                  batch_bytes: int = 1 << 30) -> nn.Module:
     """The fp32 model at `model_path` (a local HF checkpoint directory), wrapped and sharded by shard_model
     with these arguments. A frozen model (the TS-OPSD teacher) passes requires_grad=False."""

@@ -26,6 +26,7 @@ and the upstream gradient is only known in backward), so it saves each token's l
 the chunk logits in backward: one extra GEMM, no extra memory.
 """
 import math
+import warnings
 
 import torch
 
@@ -40,11 +41,33 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+_ADDMM_OUT_DTYPE = "unchecked"   # torch.addmm(..., out_dtype=fp32, out=grad_w): checked on first use (CUDA only)
+
+
 def _accumulate_weight_grad(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
     """grad_w [V, H] += dz.T [V, C] @ h [C, H], with grad_w in the accumulation dtype."""
     if dz.dtype == grad_w.dtype:
         grad_w.addmm_(dz.T, h)  # in place: no [V, H] temporary per chunk
     elif dz.is_cuda:
+        global _ADDMM_OUT_DTYPE
+        if _ADDMM_OUT_DTYPE:   # bf16 GEMM accumulated in place into the fp32 buffer: no [V, H] temporary per chunk
+            # checked once per process against the out-of-place form (no GPU has run this code yet)
+            ref = grad_w + torch.mm(dz.T, h, out_dtype=grad_w.dtype) if _ADDMM_OUT_DTYPE == "unchecked" else None
+            try:
+                torch.addmm(grad_w, dz.T, h, out_dtype=grad_w.dtype, out=grad_w)
+                if ref is not None:
+                    ok = torch.allclose(grad_w, ref, rtol=1e-4, atol=1e-6)
+                    if not ok:
+                        raise RuntimeError("result differs from mm + add_")
+                    _ADDMM_OUT_DTYPE = True
+                return
+            except (RuntimeError, TypeError) as e:    # not on this build/GPU: the temporary, once per chunk
+                _ADDMM_OUT_DTYPE = False
+                warnings.warn(f"in-place mixed-dtype addmm unavailable ({e}); the weight gradient of the chunked "
+                              f"head uses an fp32 [V, H] temporary per chunk")
+                if ref is not None:                   # addmm may have written part of grad_w
+                    grad_w.copy_(ref)
+                    return
         grad_w.add_(torch.mm(dz.T, h, out_dtype=grad_w.dtype))  # bf16 GEMM, fp32 output, no rounding
     else:
         grad_w.add_(torch.mm(dz.T, h))  # CPU has no mixed-dtype GEMM: one bf16 rounding per chunk
@@ -197,10 +220,12 @@ class FusedLinearKL(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_stat_grads):
         grad_h, grad_w = ctx.saved_tensors
         # The loss is a scalar, so the chunked forward already did all the work: rescale. Skipping the
-        # multiply when grad_loss == 1 (the usual loss.backward()) avoids a second [V, H] buffer.
+        # multiply when grad_loss == 1 (the usual loss.backward()) avoids a pass; otherwise (reheat_tsopsd.py scales
+        # every micro-batch's loss) the rescale is in place, so no second [V, H] buffer is allocated. The saved
+        # buffers are consumed here: this backward cannot run twice (retain_graph=True is not supported).
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-            grad_h = grad_h * grad_loss if grad_h is not None else None
-            grad_w = grad_w * grad_loss if grad_w is not None else None
+            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype)) if grad_h is not None else None
+            grad_w = grad_w.mul_(grad_loss.to(grad_w.dtype)) if grad_w is not None else None
         return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None, None
 
 

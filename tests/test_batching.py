@@ -148,3 +148,22 @@ def test_packed_reheat_student_and_frozen_teacher_equal_padded(tiny_untied):
         torch.testing.assert_close(s1[k].float(), s0[k].float(), rtol=1e-5, atol=1e-5)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_flex_attention_confines_a_packed_row_like_the_padded_batch(tiny):
+    """The GPU path without flash-attn: transformers' flex_attention block mask built from the restarting
+    position ids. CPU flex_attention has no backward, so the forward only (the hidden states at the response
+    positions, fp32, vs sdpa on the padded batch)."""
+    from transformers import AutoModelForCausalLM
+    from common.batching import attention_implementation
+    assert attention_implementation("cpu") == "sdpa"
+    seqs = _sequences(random.Random(4), 5, 200)
+    lm = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32).eval()
+    ids, attn, pred, _ = pack_sequences(seqs, 0, "cpu")
+    with torch.no_grad():
+        ref = lm.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state[pred]
+        lm.set_attn_implementation("flex_attention")
+        assert lm.config._attn_implementation == "flex_attention"
+        ids, pos, pred, _ = pack_padding_free(seqs, "cpu")
+        got = lm.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[pred]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

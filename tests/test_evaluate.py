@@ -236,6 +236,8 @@ def test_arms_ci_and_paired_bootstrap(tiny, tmp_path, monkeypatch):
     assert len(uneven) == 4 and all(t["seed_paired_t"] is None and t["seed_bootstrap"]["n_seeds_b"] == 2
                                     for t in uneven)
     assert "## Seeds" in (out / "results.md").read_text()
+    row = next(l for l in (out / "results.md").read_text().splitlines() if l.startswith(f"| a - b | {test['benchmark']} |"))
+    assert f"{test['seed_bootstrap']['p_value']:.4f}" in row and f"{test['seed_paired_t']['p_value']:.4f}" in row
 
 
 # ----------------------------------------------------------------------------- resume, ranks, engines
@@ -364,3 +366,33 @@ def test_cli_reports_a_missing_checkpoint(tmp_path):
     res = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--ckpt", str(tmp_path / "nope"),
                           "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "checkpoint not found" in res.stderr
+
+
+# ----------------------------------------------------------------------------- truncated responses
+
+class _CannedEngine:
+    """Returns fixed samples: right and stopped, right but cut at the limit, wrong and stopped."""
+    name, dp_rank, dp_size, tp_rank = "hf", 0, 1, 0
+
+    def generate(self, prompts, *, n, seeds, **kw):
+        from common.rollout import Sample
+        canned = [("Answer: 4", "stop"), ("Answer: 4\nand then it rambled on and on", "length"), ("Answer: 5", "stop")]
+        return [[Sample([1], [2, 3], [-0.1, -0.2], f, t) for t, f in canned[:n]] for _ in prompts]
+
+
+@pytest.mark.parametrize("grade_truncated, want", [(False, [1.0, 0.0, 0.0]), (True, [1.0, 1.0, 0.0])])
+def test_truncated_responses_count_as_wrong_unless_asked(grade_truncated, want):
+    from common.data import Problem
+    a = evaluate.Args(k=3, prompt_style="plain", grade_workers=0, grade_truncated=grade_truncated)
+    problem = Problem(id="p0", problem="What is 2+2?", answer="4", source="t")
+    rows = evaluate.sample_and_grade(a, _CannedEngine(), None, "qa", [problem], 3, False)
+    assert [s["correct"] for s in rows[0]["samples"]] == want
+    assert [s["finish_reason"] for s in rows[0]["samples"]] == ["stop", "length", "stop"]
+
+
+def test_truncated_is_wrong_rule():
+    from common.grading import truncated_is_wrong
+    assert truncated_is_wrong([1.0, 1.0, 0.0], ["stop", "length", "length"]) == [1.0, 0.0, 0.0]
+    assert truncated_is_wrong([1.0, 1.0, 0.0], ["stop", "length", "length"], True) == [1.0, 1.0, 0.0]
+    with pytest.raises(ValueError):
+        truncated_is_wrong([1.0], ["stop", "stop"])
