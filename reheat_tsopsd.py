@@ -224,10 +224,9 @@ def main(argv=None):
             else:                                                            # online: the student's own logits
                 th, tw = h.detach(), weight.detach()
             mask = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
-            loss, stats = fused_linear_kl(h, weight, th, tw, mask, tau=args.tau, divergence=args.divergence,
-                                          beta=args.beta, chunk_size=args.chunk_size, compiled=args.compile,
-                                          return_stats=True)
-            return loss * scale, stats
+            return fused_linear_kl(h, weight, th, tw, mask, tau=args.tau, divergence=args.divergence, beta=args.beta,
+                                   chunk_size=args.chunk_size, compiled=args.compile, return_stats=True,
+                                   loss_scale=scale)
         return head
 
     # ------------------------------------------------------------------------- loop

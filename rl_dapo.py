@@ -4,15 +4,19 @@ The RL stage of the TS-OPSD paper: it produces the entropy-collapsed checkpoint,
 (plain, at a higher rollout temperature, or from a reheated checkpoint). Per step:
 
   1. rollout: draw prompts, sample n responses each at temperature T (vLLM in this process, or HF generate)
-  2. reward: +1 if the final answer verifies against the ground truth, -1 otherwise (common/grading.py), plus
+  2. reward: +1 if the final answer verifies against the ground truth, -1 otherwise (common/grading.py; a
+     response cut at the length limit is wrong, unless --grade-truncated), plus
      DAPO's overlong shaping: with max length L and buffer B, a response of length l > L-B gets
      -(l-(L-B))/B * factor
   3. dynamic sampling: drop groups whose n answers are all right or all wrong (their advantages are 0); keep
-     generating until the batch has `--prompts-per-step` groups or `--max-gen-batches` batches were drawn
+     generating until the batch has `--prompts-per-step` groups or `--max-gen-batches` batches were drawn (then
+     only whole mini-batches of the kept groups train: every optimizer step averages the same number of groups)
   4. advantage: (r - mean_group(r)) / (std_group(r) + 1e-6), the same for every token of a response
   5. update: PPO-clip with decoupled ranges (eps_low 0.2, eps_high 0.28, "clip-higher") and dual-clip c=10
-     for negative advantages; no KL term; loss = sum over ALL response tokens of the mini-batch (every
-     micro-batch, every rank) / their global count ("token-level" mean); one epoch of mini-batches
+     for negative advantages, log-ratio clamped to [-20, 20]; no KL term; loss = sum over ALL response tokens
+     of the mini-batch (every micro-batch, every rank) / their global count ("token-level" mean); one epoch of
+     mini-batches. Micro-batches are padding-free packed rows of at most --micro-batch-tokens tokens, the
+     mini-batch's sequences dealt to the ranks by tokens (common/batching.py); that changes no number above.
   6. push the new weights into the rollout engine
 
 Departures from DAPO/verl, on purpose: one process group does both training and generation (no Ray);

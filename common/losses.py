@@ -155,7 +155,7 @@ class FusedLinearKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
-                tau, divergence, beta, chunk_size, compiled, return_stats, need_dh, need_dw):
+                tau, divergence, beta, chunk_size, compiled, return_stats, need_dh, need_dw, loss_scale):
         n_tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
         dtype, device = student_hidden.dtype, student_hidden.device
         acc = _acc_dtype(dtype)
@@ -201,7 +201,7 @@ class FusedLinearKL(torch.autograd.Function):
             if need_dw:
                 _accumulate_weight_grad(grad_w, dz, h_s)
 
-        inv_n = 1.0 / max(n_valid, 1)  # mean over valid tokens
+        inv_n = loss_scale / max(n_valid, 1)  # mean over valid tokens, times the caller's weight
         loss *= inv_n
         if need_dh:
             grad_h *= inv_n
@@ -220,17 +220,17 @@ class FusedLinearKL(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_stat_grads):
         grad_h, grad_w = ctx.saved_tensors
         # The loss is a scalar, so the chunked forward already did all the work: rescale. Skipping the
-        # multiply when grad_loss == 1 (the usual loss.backward()) avoids a pass; otherwise (reheat_tsopsd.py scales
-        # every micro-batch's loss) the rescale is in place, so no second [V, H] buffer is allocated. The saved
-        # buffers are consumed here: this backward cannot run twice (retain_graph=True is not supported).
+        # multiply when grad_loss == 1 (the usual loss.backward()) avoids a second [V, H] buffer; a caller that
+        # weighs the loss (reheat_tsopsd.py, per micro-batch) passes `loss_scale` instead, applied in forward.
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype)) if grad_h is not None else None
-            grad_w = grad_w.mul_(grad_loss.to(grad_w.dtype)) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None, None
+            grad_h = grad_h * grad_loss if grad_h is not None else None
+            grad_w = grad_w * grad_loss if grad_w is not None else None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, *, tau=1.0,
-                    divergence="reverse_kl", beta=0.5, chunk_size=256, compiled=True, return_stats=False):
+                    divergence="reverse_kl", beta=0.5, chunk_size=256, compiled=True, return_stats=False,
+                    loss_scale=1.0):
     """Mean per-token divergence between the student and the temperature-scaled teacher, never holding [N, V].
 
     student_hidden [N, Hs], student_weight [V, Hs]: z_s = student_hidden @ student_weight.T, p_s = softmax(z_s)
@@ -238,6 +238,8 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
         p_t = softmax(z_t). Treated as constants (no gradient, even if they require grad).
     mask [N] bool: tokens that count (response tokens); the loss is the mean over them, and 0 with zero
         gradients when there are none.
+    loss_scale: the loss (and its gradients, computed in forward) multiplied by this; the same as scaling the
+        returned loss, without the [V, H] buffer a scaled backward allocates.
     divergence:
         "reverse_kl"  KL(p_s || p_t) = sum_v p_s (log p_s - log p_t)  (TS-OPSD default)
         "forward_kl"  KL(p_t || p_s)
@@ -286,7 +288,7 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     need_dw = grad_on and student_weight.requires_grad
     out = FusedLinearKL.apply(student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(), mask,
                               float(tau), divergence, float(beta), chunk_size, compiled, return_stats,
-                              need_dh, need_dw)
+                              need_dh, need_dw, float(loss_scale))
     if not return_stats:
         return out
     loss, *stats = out

@@ -178,6 +178,27 @@ class _SampledLogprobs:
         return torch.stack(self.picked, 1).cpu()
 
 
+def vllm_memory_kwargs(free: int, total: int, utilization: float, kv_cache_gib: float | None,
+                       margin: int = 1 << 30) -> dict:
+    """vLLM 0.32's memory rule on CUDA, checked before it starts. It budgets a fraction `gpu_memory_utilization`
+    of the device's TOTAL memory (its weights, CUDA graphs and KV cache come out of it), and at start-up that
+    much must be FREE (v1/worker/utils.py: request_memory), even when the KV cache size is given. Training state
+    resident in this process (weights, optimizer, a frozen teacher) is not free. So: with --vllm-kv-cache-gib,
+    ask for what is free now (minus a margin); with --vllm-gpu-memory alone, fail early and say what would fit."""
+    gib = 2 ** 30
+    if kv_cache_gib is not None:
+        if kv_cache_gib * gib > free - margin:
+            raise SystemExit(f"--vllm-kv-cache-gib {kv_cache_gib} is more than the {(free - margin) / gib:.1f} GiB free "
+                             f"on the GPU (of {total / gib:.1f}) once training state is resident: lower it")
+        return {"kv_cache_memory_bytes": int(kv_cache_gib * gib),
+                "gpu_memory_utilization": round(max(0.01, (free - margin) / total), 4)}
+    if utilization * total > free:
+        raise SystemExit(f"--vllm-gpu-memory {utilization} asks vLLM for {utilization * total / gib:.1f} GiB, but only "
+                         f"{free / gib:.1f} of {total / gib:.1f} GiB are free with the training state resident: use at "
+                         f"most {max(free - margin, 0) / total:.2f} (README.md#memory-plan)")
+    return {"gpu_memory_utilization": utilization}
+
+
 class VLLMEngine:
     """vLLM in this process; see the module docstring."""
 
@@ -206,7 +227,9 @@ class VLLMEngine:
                       enable_sleep_mode=self.sleep_mode, enable_prefix_caching=True)
         if info.distributed:
             kwargs["distributed_executor_backend"] = "external_launcher"
-        if kv_cache_gib is not None:
+        if info.device.type == "cuda" and torch.cuda.is_available():    # (a test's stand-in device has no memory)
+            kwargs |= vllm_memory_kwargs(*torch.cuda.mem_get_info(), gpu_memory_utilization, kv_cache_gib)
+        elif kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization

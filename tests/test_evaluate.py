@@ -396,3 +396,19 @@ def test_truncated_is_wrong_rule():
     assert truncated_is_wrong([1.0, 1.0, 0.0], ["stop", "length", "length"], True) == [1.0, 1.0, 0.0]
     with pytest.raises(ValueError):
         truncated_is_wrong([1.0], ["stop", "stop"])
+
+
+def test_packed_scoring_equals_one_sequence_at_a_time(tiny):
+    """--compare's scoring forward on padding-free packed rows: every layer's states at the picked positions
+    equal those of each sequence scored alone (where nothing else can be attended to), fp32, 1e-5."""
+    import random
+    import numpy as np
+    rng = random.Random(0)
+    seqs = [([rng.randrange(3, 200) for _ in range(rng.randint(2, 9))], [rng.randrange(3, 200) for _ in range(12)],
+             np.array(sorted(rng.sample(range(12), 4)))) for _ in range(7)]
+    alone = evaluate.score_sequences(tiny["model"], seqs, evaluate.Args(micro_batch_tokens=1), torch.device("cpu"))
+    packed = evaluate.score_sequences(tiny["model"], seqs, evaluate.Args(micro_batch_tokens=64), torch.device("cpu"))
+    assert packed["final"].shape == (7 * 4, alone["final"].shape[1])
+    torch.testing.assert_close(packed["final"], alone["final"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(packed["hidden"], alone["hidden"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

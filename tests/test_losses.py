@@ -285,3 +285,16 @@ def test_logprob_argument_validation():
         chunked_logprob_entropy(hs, ws, targets[:-1])
     with pytest.raises(ValueError, match="weight"):
         chunked_logprob_entropy(hs, ws.T, targets)
+
+
+def test_kl_loss_scale_equals_scaling_the_loss():
+    """loss_scale (reheat's per-micro-batch weight, applied in forward) == multiplying the returned loss."""
+    hs, ws, ht, wt, mask = make_inputs()
+    hs.requires_grad_(), ws.requires_grad_()
+    ref = 0.37 * fused_linear_kl(hs, ws, ht, wt, mask, tau=1.5, chunk_size=8, compiled=False)
+    g_ref = torch.autograd.grad(ref, (hs, ws))
+    got = fused_linear_kl(hs, ws, ht, wt, mask, tau=1.5, chunk_size=8, compiled=False, loss_scale=0.37)
+    g = torch.autograd.grad(got, (hs, ws))
+    torch.testing.assert_close(got, ref)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)

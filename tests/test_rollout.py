@@ -169,3 +169,17 @@ def test_vllm_sleep_wake_sequence(tiny, monkeypatch, device, sleep):
                [("reset_prefix_cache",)]
         tail = [("generate", 2)]
     assert llm.calls == step * 2 + tail
+
+
+def test_vllm_memory_rule_on_cuda_is_checked_before_the_engine_starts():
+    """vLLM 0.32 needs FREE >= gpu_memory_utilization x TOTAL at start-up, even with an explicit KV size."""
+    from common.rollout import vllm_memory_kwargs
+    gib = 2 ** 30
+    # 80 GB card, 20 GiB of training state resident: an explicit KV size gets a utilisation that is free now
+    kw = vllm_memory_kwargs(60 * gib, 80 * gib, 0.5, 8.0)
+    assert kw["kv_cache_memory_bytes"] == 8 * gib and kw["gpu_memory_utilization"] * 80 * gib <= 60 * gib
+    assert vllm_memory_kwargs(60 * gib, 80 * gib, 0.5, None) == {"gpu_memory_utilization": 0.5}
+    with pytest.raises(SystemExit, match=r"--vllm-gpu-memory 0.9 .* use at most 0.74"):
+        vllm_memory_kwargs(60 * gib, 80 * gib, 0.9, None)
+    with pytest.raises(SystemExit, match="--vllm-kv-cache-gib 70"):
+        vllm_memory_kwargs(60 * gib, 80 * gib, 0.5, 70.0)
