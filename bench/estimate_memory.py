@@ -129,12 +129,11 @@ def register_attention():
     AttentionInterface.register("sim_varlen", varlen_attention_cost)
 
 
-def make_lm(cfg):
+def make_lm(cfg, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         # fp32 as the scripts load it (from_config would otherwise follow the config's torch_dtype, bf16)
-        return AutoModelForCausalLM.from_config(cfg, attn_implementation=cfg._attn_implementation,
-                                                dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(cfg, attn_implementation=cfg._attn_implementation, dtype=dtype)
 
 
 _HEAD_DW = {"tracker": None, "max": 0}     # the memory in use while the chunked heads accumulate dW
@@ -249,10 +248,10 @@ def simulate(cfg, stage: str, world: int, tokens: int, ac: bool, *, packing: str
     compiled = head == "compiled"
     with simulation_patches(pos_r, wgrad, head):
         if stage == "eval":
-            lm = make_lm(cfg)
             dtype = torch.bfloat16 if eval_dtype == "bf16" else torch.float32
+            lm = make_lm(cfg, dtype)                # built in its dtype: a cast of fake parameters cannot swap them
             with fake:
-                lm = lm.to_empty(device="cpu").to(dtype).eval()   # requires_grad kept: MemTracker hooks need it
+                lm = lm.to_empty(device="cpu").eval()   # requires_grad kept: MemTracker hooks need it
                 ids, pos = torch.zeros(1, tokens, dtype=torch.long), torch.zeros(1, tokens, dtype=torch.long)
                 keep = torch.zeros(n_resp, dtype=torch.long)
                 tracker = MemTracker()
