@@ -108,6 +108,8 @@ import zlib
 import numpy as np
 import torch
 
+from common.batching import pack_padding_free
+from common.checkpoint import architecture_difference
 from common.cli import arg, check_context_length, parse_args
 from common.data import BENCHMARKS, LOCAL_EXTENSIONS, PROMPT_STYLES, DataError, load_problems, render_prompt
 from common.dist import (all_gather_objects, check_model_path, cleanup_distributed, derive_seed, init_distributed,
@@ -116,12 +118,11 @@ from common.eval_io import (Delta, Weights, dump, fingerprint, layer_of, plot_co
                             sq_norm, write_markdown)
 from common.grading import extract_answer, grade_batch, truncated_is_wrong
 from common.losses import entropy_from_hidden
-from common.batching import pack_padding_free
 from common.rollout import make_engine
 from common.runlog import make_run_dir
-from common.stats import (distinct_count, displacement_metrics, effective_temperature, hierarchical_bootstrap,
-                          linear_cka, mean_ci, mean_cosine, paired_bootstrap, paired_seed_t, sharpness, summarize,
-                          topk_overlap)
+from common.stats import (LogitsFromHidden, distinct_count, displacement_metrics, effective_temperature,
+                          hierarchical_bootstrap, linear_cka, mean_ci, mean_cosine, paired_bootstrap, paired_seed_t,
+                          quantiles, sharpness, summarize, topk_overlap)
 
 PAPER_BENCHMARKS = "aime24,aime25,amc23,math500,minerva,olympiadbench,gpqa_diamond"
 MULTI_FLAGS = ("--ckpt", "--arms", "--compare", "--displacement", "--runs")   # take several space-separated values
@@ -339,41 +340,7 @@ def release():
         torch.cuda.empty_cache()
 
 
-def architecture_difference(path_a: str, path_b: str) -> str:
-    """Why one vLLM engine cannot serve both checkpoints by swapping their weights in ('' when it can): vLLM
-    built its network, context and tokenizer from the first, so the configs (but for fields that do not change
-    the network) and the tokenizers must be the same."""
-    from transformers import AutoTokenizer
-    ignored = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache")
-    conf = [{k: v for k, v in json.load(open(os.path.join(p, "config.json"))).items() if k not in ignored}
-            for p in (path_a, path_b)]
-    keys = sorted(k for k in conf[0].keys() | conf[1].keys() if conf[0].get(k) != conf[1].get(k))
-    if keys:
-        return f"their config.json differ in {', '.join(keys)}"
-    ta, tb = AutoTokenizer.from_pretrained(path_a), AutoTokenizer.from_pretrained(path_b)
-    if ta.get_vocab() != tb.get_vocab() or ta.chat_template != tb.chat_template:
-        return "their tokenizers differ"
-    return ""
-
-
 # ----------------------------------------------------------------------------- the comparison
-
-class LogitsFromHidden:
-    """[N, V] logits = hidden @ weight.T that exist one row chunk at a time: indexing rows computes them. The
-    analysis functions of common/stats.py read their inputs only by row chunks (`x.reshape(-1, V)[rows]`), so this
-    view gives them every scored token without ever holding [tokens x vocab]."""
-
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor):
-        self.hidden, self.weight = hidden, weight                 # [N, H], [V, H] float32 on the device
-        self.shape = torch.Size((hidden.shape[0], weight.shape[0]))
-        self.device = hidden.device
-
-    def reshape(self, *shape):
-        return self
-
-    def __getitem__(self, rows):
-        return self.hidden[rows] @ self.weight.T
-
 
 @torch.no_grad()
 def score_sequences(path: str, seqs: list[tuple[list[int], list[int], np.ndarray]], a: Args, device) -> dict:
@@ -428,14 +395,6 @@ def diversity(groups: list[list[dict]]) -> dict:
             "accuracy": float(np.mean([s["correct"] for g in groups for s in g])),
             "response_len": float(np.mean([s["length"] for g in groups for s in g])),
             "n_groups": len(groups), "n": len(groups[0]) if groups else 0}
-
-
-def quantiles(x: torch.Tensor) -> dict:
-    x = x[~x.isnan()].double()
-    if x.numel() == 0:
-        return {}
-    q = torch.quantile(x, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64))
-    return {"mean": float(x.mean()), **{f"p{p}": float(v) for p, v in zip((10, 25, 50, 75, 90), q)}}
 
 
 def param_displacement(base_path: str, other_path: str) -> dict:

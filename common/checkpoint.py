@@ -322,3 +322,20 @@ def load_checkpoint(ckpt_dir: str, model, optimizer=None) -> dict:
 
     with open(os.path.join(resume, "trainer_state.json")) as f:
         return json.load(f)
+
+
+def architecture_difference(path_a: str, path_b: str) -> str:
+    """Why one vLLM engine cannot serve both checkpoints by swapping their weights in ('' when it can): vLLM
+    built its network, context and tokenizer from the first, so the configs (but for fields that do not change
+    the network) and the tokenizers must be the same."""
+    from transformers import AutoTokenizer
+    ignored = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache")
+    conf = [{k: v for k, v in json.load(open(os.path.join(p, "config.json"))).items() if k not in ignored}
+            for p in (path_a, path_b)]
+    keys = sorted(k for k in conf[0].keys() | conf[1].keys() if conf[0].get(k) != conf[1].get(k))
+    if keys:
+        return f"their config.json differ in {', '.join(keys)}"
+    ta, tb = AutoTokenizer.from_pretrained(path_a), AutoTokenizer.from_pretrained(path_b)
+    if ta.get_vocab() != tb.get_vocab() or ta.chat_template != tb.chat_template:
+        return "their tokenizers differ"
+    return ""

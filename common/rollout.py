@@ -246,16 +246,17 @@ class VLLMEngine:
         prompt_ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
         # one seed per request: a prompt's samples do not depend on which rank drew it or what else is in
         # the batch, so a resume, or the same run on another number of GPUs, samples the same responses
+        # flat_logprobs: per request a few flat lists instead of one dict (and Logprob object) per generated token
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
-                                 stop_token_ids=self.stop_ids, skip_special_tokens=True, seed=sd % 2**63)
-                  for sd in seeds]
+                                 flat_logprobs=True, stop_token_ids=self.stop_ids, skip_special_tokens=True,
+                                 seed=sd % 2**63) for sd in seeds]
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         result = []
         for ids, o in zip(prompt_ids, outs):
             group = []
             for c in o.outputs:
                 resp = list(c.token_ids)
-                lps = [c.logprobs[t][tok_id].logprob for t, tok_id in enumerate(resp)]
+                lps = _sampled_logprobs(c.logprobs, resp)
                 reason = "stop" if c.finish_reason == "stop" else "length"
                 group.append(Sample(ids, resp, lps, reason, c.text))
             result.append(group)
@@ -307,6 +308,15 @@ class VLLMEngine:
         if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=2)
             self.asleep = True
+
+
+def _sampled_logprobs(logprobs, resp: list[int]) -> list[float]:
+    """The sampled tokens' log-probs from vLLM's output: FlatLogprobs (flat_logprobs=True) holds, with logprobs=0,
+    exactly one (token, log-prob) entry per position; the list-of-dicts form is read per position."""
+    flat = getattr(logprobs, "start_indices", None)
+    if flat is not None and list(logprobs.token_ids) == resp and len(logprobs.logprobs) == len(resp):
+        return list(logprobs.logprobs)
+    return [logprobs[t][tok_id].logprob for t, tok_id in enumerate(resp)]
 
 
 def _repack_tied_lm_head(worker):

@@ -715,3 +715,28 @@ def displacement_metrics(delta_low: Mapping[str, torch.Tensor], delta_high: Mapp
         "n_keys": len(shared),
         "n_params": n_params,
     }
+
+
+class LogitsFromHidden:
+    """[N, V] logits = hidden @ weight.T that exist one row chunk at a time: indexing rows computes them. The
+    analysis functions of common/stats.py read their inputs only by row chunks (`x.reshape(-1, V)[rows]`), so this
+    view gives them every scored token without ever holding [tokens x vocab]."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor):
+        self.hidden, self.weight = hidden, weight                 # [N, H], [V, H] float32 on the device
+        self.shape = torch.Size((hidden.shape[0], weight.shape[0]))
+        self.device = hidden.device
+
+    def reshape(self, *shape):
+        return self
+
+    def __getitem__(self, rows):
+        return self.hidden[rows] @ self.weight.T
+
+
+def quantiles(x: torch.Tensor) -> dict:
+    x = x[~x.isnan()].double()
+    if x.numel() == 0:
+        return {}
+    q = torch.quantile(x, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64))
+    return {"mean": float(x.mean()), **{f"p{p}": float(v) for p, v in zip((10, 25, 50, 75, 90), q)}}

@@ -313,7 +313,8 @@ def test_microbatch_size_and_compile_do_not_change_the_step(hf_run, tiny_warm, t
         run_script("rl_dapo.py", rl_args(tiny_warm, str(tmp_path), name, *extra, steps=1))
         row = metrics(os.path.join(tmp_path, name))[0]
         for k in COMPARED:
-            assert row[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), f"{name}: {k}: {row[k]} vs {ref[k]}"
+            rel = 1e-4 if name == "compiled" else 1e-5             # another split only reorders fp32 sums
+            assert row[k] == pytest.approx(ref[k], rel=rel, abs=1e-7), f"{name}: {k}: {row[k]} vs {ref[k]}"
 
 
 @pytest.mark.slow
@@ -327,7 +328,7 @@ def test_torchrun_fsdp2_matches_one_process(vllm_run, tiny_warm, tmp_path):
     one = metrics(vllm_run)[0]
     assert two["rollout/groups_used"] == one["rollout/groups_used"] == 4
     for k in COMPARED + ["rollout/logprob_diff_mean"]:
-        assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), f"{k}: 2 processes {two[k]} vs 1 process {one[k]}"
+        assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-7), f"{k}: 2 processes {two[k]} vs 1 process {one[k]}"
     assert json.load(open(os.path.join(tmp_path, "ddp2", "config.json")))["world_size"] == 2
 
 
