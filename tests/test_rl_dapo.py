@@ -327,8 +327,9 @@ def test_torchrun_fsdp2_matches_one_process(vllm_run, tiny_warm, tmp_path):
     two = metrics(os.path.join(tmp_path, "ddp2"))[0]
     one = metrics(vllm_run)[0]
     assert two["rollout/groups_used"] == one["rollout/groups_used"] == 4
-    for k in COMPARED + ["rollout/logprob_diff_mean"]:
+    for k in COMPARED:
         assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-7), f"{k}: 2 processes {two[k]} vs 1 process {one[k]}"
+    assert two["rollout/logprob_diff_mean"] == pytest.approx(one["rollout/logprob_diff_mean"], abs=1e-6)  # fp32 noise
     assert json.load(open(os.path.join(tmp_path, "ddp2", "config.json")))["world_size"] == 2
 
 
