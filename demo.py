@@ -229,6 +229,19 @@ def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, seconds):
         lines.append(f"| {arm} | {starts[arm]} | {fmt([entropy(d, True) for d in dirs])} -> "
                      f"{fmt([entropy(d, False) for d in dirs])} | {fmt([acc(n, f'avg@{k}') for n in names])} | "
                      f"{fmt([acc(n, f'pass@{k}') for n in names])} |")
+    arm_tests = [t for path in glob.glob(os.path.join(eval_dir, "arms__*.json"))
+                 for t in json.load(open(path))["tests"] if t["benchmark"] == "heldout"]
+    if arm_tests:                               # every pair of arms: problems only, then with seed variance
+        def ci(t):
+            return f"{t['diff']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], p = {t['p_value']:.4f}" if t else "-"
+        lines += ["", f"Arm A - arm B, held-out avg@{k} (95% CI, two-sided p). Problems only: paired bootstrap over "
+                  f"problems of the seed-averaged accuracy, blind to training-seed variance. Seeds + problems: each "
+                  f"resample also redraws each arm's seeds. Paired t: the per-seed differences (seed i of A against "
+                  f"seed i of B).", "", "| A - B | problems only | seeds + problems | paired t over seeds |",
+                  "|---|---|---|---|"]
+        for t in arm_tests:
+            lines.append(f"| {t['a']} - {t['b']} | {ci(t)} | {ci(t.get('seed_bootstrap'))} | "
+                         f"{ci(t.get('seed_paired_t'))} |")
     lines += ["", "Checkpoints before continued RL:", "", f"| checkpoint | held-out avg@{k} | pass@{k} |", "|---|---|---|"]
     for name in ["start", "collapsed", "closed_form"] + [f"reheated_s{s}" for s in reheated]:
         lines.append(f"| {name} | {fmt([acc(name, f'avg@{k}')])} | {fmt([acc(name, f'pass@{k}')])} |")
@@ -246,7 +259,7 @@ def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, seconds):
                   f"{c['effective_temperature']['explained']:.0%} of the KL between them); top-k overlap "
                   f"k=1/5/10: {ov['1']:.3f} / {ov['5']:.3f} / {ov['10']:.3f}; hidden-state CKA per layer: "
                   + ", ".join(f"{layer['name']} {layer['cka']:.4f}" for layer in c["layers"]) + "."]
-    lines += ["", f"Everything else (per-benchmark tables, the paired bootstrap between arms, the collapsed vs reheated "
+    lines += ["", f"Everything else (per-benchmark tables, the tests between arms, the collapsed vs reheated "
               f"analyses: entropy, effective temperature, top-k overlap, per-layer similarity, diversity) is in "
               f"[eval/results.md](eval/results.md); curves in eval/plots/."]
     with open(os.path.join(out, "results.md"), "w") as f:
