@@ -40,7 +40,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from common.batching import pack_padding_free, plan_micro_batches
+from common.batching import default_micro_batch_tokens, pack_padding_free, plan_micro_batches
 from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
 from common.cli import arg, check_context_length, parse_args, with_resumed_config
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
@@ -91,8 +91,9 @@ class Args:
     warmup_steps: int = arg(0, "linear warmup steps", group="optimizer")
     weight_decay: float = arg(0.0, "AdamW weight decay (0: only the distillation moves the weights)", group="optimizer")
     grad_clip: float = arg(1.0, "global gradient-norm clip", group="optimizer")
-    micro_batch_tokens: int = arg(32768, "tokens (prompt + response) per padding-free forward/backward; a longer "
-                                  "sequence runs alone (memory knob; does not change the math)", group="optimizer")
+    micro_batch_tokens: int | None = arg(None, "tokens (prompt + response) per padding-free forward/backward; a "
+                                         "longer sequence runs alone (memory knob; does not change the math). "
+                                         "Default: 32768 on CUDA, 512 on CPU", group="optimizer")
     chunk_size: int = arg(1024, "tokens per chunk of the fused KL head", group="optimizer")
     compile: bool = arg(True, "torch.compile the per-chunk KL math (eager twin otherwise)", group="optimizer")
     # systems and run
@@ -121,12 +122,14 @@ def check_args(a: Args):
         raise SystemExit("--ckpt is required: the HF checkpoint to reheat")
     if not a.tau > 0:
         raise SystemExit(f"--tau must be > 0, got {a.tau}")
+    if a.micro_batch_tokens is not None and a.micro_batch_tokens <= 0:
+        raise SystemExit(f"--micro-batch-tokens must be positive, got {a.micro_batch_tokens}")
     if a.tau == 1.0 and a.teacher == "frozen" and not a.closed_form:
         raise SystemExit("--tau 1 with a frozen teacher: the student already equals its teacher, so the objective is "
                          "at its minimum (0) and nothing would change. Use tau > 1 to reheat (or < 1 to sharpen).")
     if a.divergence == "jsd" and not 0 < a.beta < 1:
         raise SystemExit(f"--beta must be in (0, 1) for jsd, got {a.beta}")
-    for name in ("steps", "group_size", "prompts_per_step", "max_response_len", "micro_batch_tokens", "chunk_size"):
+    for name in ("steps", "group_size", "prompts_per_step", "max_response_len", "chunk_size"):
         if getattr(a, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
 
@@ -160,6 +163,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------- setup
     info = init_distributed(args.device)
     check_sharding(args.sharding, info)
+    args.micro_batch_tokens = args.micro_batch_tokens or default_micro_batch_tokens(info.device.type)
     seed_everything(derive_seed(args.seed, info.rank))
     ckpt = resolve_model_path(args.ckpt)
     try:                                                # before the run directory: a typo leaves no empty run

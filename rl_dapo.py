@@ -37,7 +37,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from common.batching import exchange_sequences, pack_padding_free, plan_micro_batches
+from common.batching import default_micro_batch_tokens, exchange_sequences, pack_padding_free, plan_micro_batches
 from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
 from common.cli import arg, check_context_length, parse_args, with_resumed_config
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
@@ -91,8 +91,9 @@ class Args:
                            "clip_ratio_c: 3; 0 disables)", group="loss")
     tis_cap: float = arg(0.0, "truncated importance sampling for sampler/trainer mismatch: weight min(exp(old-sampler), cap); 0 off (try 2.0)", group="loss")
     ppo_mini_batch: int = arg(32, "prompts per optimizer step; a training step does prompts_per_step / this updates (DAPO: 32)", group="loss")
-    micro_batch_tokens: int = arg(32768, "tokens (prompt + response) per padding-free forward/backward; a longer "
-                                  "sequence runs alone (memory knob; does not change the math)", group="loss")
+    micro_batch_tokens: int | None = arg(None, "tokens (prompt + response) per padding-free forward/backward; a "
+                                         "longer sequence runs alone (memory knob; does not change the math). "
+                                         "Default: 32768 on CUDA, 512 on CPU", group="loss")
     chunk_size: int = arg(1024, "tokens per chunk of the vocabulary-wide log-prob/entropy head", group="loss")
     compile: bool = arg(True, "torch.compile the chunked log-prob/entropy hot path (eager twin otherwise)", group="loss")
     # optimizer
@@ -138,10 +139,12 @@ def check_args(a: Args):
         check_model_path(a.model)
     positive = dict(group_size=a.group_size, prompts_per_step=a.prompts_per_step, gen_batch_prompts=a.gen_batch_prompts,
                     max_gen_batches=a.max_gen_batches, max_response_len=a.max_response_len, ppo_mini_batch=a.ppo_mini_batch,
-                    micro_batch_tokens=a.micro_batch_tokens, chunk_size=a.chunk_size, steps=a.steps)
+                    chunk_size=a.chunk_size, steps=a.steps)
     for name, v in positive.items():
         if v <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if a.micro_batch_tokens is not None and a.micro_batch_tokens <= 0:
+        raise SystemExit(f"--micro-batch-tokens must be positive, got {a.micro_batch_tokens}")
     if a.group_size < 2:
         raise SystemExit("--group-size must be at least 2: group-normalised advantages need several samples per prompt")
     if not 0 <= a.overlong_buffer < a.max_response_len:
@@ -214,6 +217,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------- setup
     info = init_distributed(args.device)
     check_sharding(args.sharding, info)
+    args.micro_batch_tokens = args.micro_batch_tokens or default_micro_batch_tokens(info.device.type)
     seed_everything(derive_seed(args.seed, info.rank))
     model_path = resolve_model_path(args.model)
     try:                                                # before the run directory: a typo leaves no empty run

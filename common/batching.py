@@ -78,6 +78,14 @@ def pack_padding_free(seqs: list[tuple[list[int], list[int]]], device):
     return (ids.to(device), torch.tensor([pos], dtype=torch.long).to(device), pred.to(device), targets.to(device))
 
 
+def default_micro_batch_tokens(device_type: str) -> int:
+    """--micro-batch-tokens when not given: 32768 on CUDA (bench/estimate_memory.py: Qwen3-8B's updates fit 80 GB
+    with activation checkpointing), 512 on CPU, where sdpa materialises the packed row's block mask as a dense
+    [T, T] tensor and attends over all of it (bench/bench_packing.py: 512 tokens 1.03x the padded step's time,
+    4096 tokens 3.3x)."""
+    return 32768 if device_type == "cuda" else 512
+
+
 def attention_implementation(device_type: str) -> str:
     """The attention kernel for packed rows: flash-attention's varlen kernel when the package is installed on
     CUDA, else flex_attention (block-sparse mask built from the sequence ids) on CUDA, else sdpa (CPU: the
