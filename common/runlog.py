@@ -177,10 +177,8 @@ def check_shared_storage(run_dir: str):
             ok = f.read() == nonce[0]
     except OSError:
         ok = False
-    ok_all = torch.tensor([float(ok)])
-    if "nccl" in dist.get_backend():
-        ok_all = ok_all.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(ok_all, dist.ReduceOp.MIN)
+    from common.dist import all_reduce
+    ok_all = all_reduce([float(ok)], "min")[0]          # every rank learns whether any rank failed
     if not ok:
         raise SystemExit(f"rank {dist.get_rank()} ({socket.gethostname()}) does not see {path}, written by rank 0: the "
                          f"run directory must be on storage that every node shares (put --out on a shared filesystem)")

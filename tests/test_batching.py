@@ -65,6 +65,15 @@ def _sequences(rng, n, vocab):
              [rng.randrange(3, vocab) for _ in range(rng.randint(1, 12))]) for _ in range(n)]
 
 
+def _forward_inputs(seqs, packed: bool):
+    """(input_ids, forward kwargs, loss positions, targets): one packed row, or the right-padded batch."""
+    if packed:
+        ids, pos, pred, targets = pack_padding_free(seqs, "cpu")
+        return ids, {"position_ids": pos}, pred, targets
+    ids, attn, pred, targets = pack_sequences(seqs, 0, "cpu")
+    return ids, {"attention_mask": attn}, pred, targets
+
+
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_untied"])
 def test_packed_logprobs_entropies_and_gradients_equal_padded(fixture, request):
     """rl_dapo's head on one packed row vs the right-padded batch with an attention mask (fp32, 1e-5)."""
@@ -75,12 +84,7 @@ def test_packed_logprobs_entropies_and_gradients_equal_padded(fixture, request):
     results = []
     for packed in (False, True):
         model = shard_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), DistInfo(), "none")
-        if packed:
-            ids, pos, pred, targets = pack_padding_free(seqs, "cpu")
-            kw = {"position_ids": pos}
-        else:
-            ids, attn, pred, targets = pack_sequences(seqs, 0, "cpu")
-            kw = {"attention_mask": attn}
+        ids, kw, pred, targets = _forward_inputs(seqs, packed)
 
         def head(hidden, weight):
             return chunked_logprob_entropy(hidden[pred], weight, targets[pred], temperature=1.3, chunk_size=7,
@@ -123,12 +127,7 @@ def test_packed_reheat_student_and_frozen_teacher_equal_padded(tiny_untied):
                 p.add_(0.01 * torch.randn_like(p))
         teacher = shard_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), DistInfo(), "none",
                               requires_grad=False).eval()
-        if packed:
-            ids, pos, pred, _ = pack_padding_free(seqs, "cpu")
-            kw = {"position_ids": pos}
-        else:
-            ids, attn, pred, _ = pack_sequences(seqs, 0, "cpu")
-            kw = {"attention_mask": attn}
+        ids, kw, pred, _ = _forward_inputs(seqs, packed)
         with torch.no_grad():
             t_h = teacher(ids, head=lambda h, w: h[pred].clone(), **kw)
         t_w = teacher.lm.lm_head.weight.detach()
