@@ -3,24 +3,32 @@
 The same three scripts that run Qwen3-8B on 8 GPUs, run here as subprocesses on a 640k-parameter Qwen3
 that was supervised on noisy worked arithmetic (assets/tiny_math: `python -m common.tiny` rebuilds it):
 
-  1. collapse   rl_dapo.py from the tiny model until its token entropy has fallen (a step budget)
-  2. arms       from the collapsed checkpoint, equal continued-RL budgets for each of
+  1. collapse   rl_dapo.py from the tiny model on the easy problems of train.jsonl: two operands, both <= 20
+                ("What is 13+16?", 435 of its 4000; written to OUT/data/train_easy.jsonl): groups of 8, 16
+                prompts per step, lr 3e-4 after 20 warmup steps, 350 steps. Nothing but RL: on problems it can
+                mostly solve, DAPO sharpens the policy until most groups are all right, dynamic sampling drops
+                them (and a step may find too few mixed groups to update at all), and the held-out pass@8
+                (2-4 operands up to 30) falls below the start model's
+  2. arms       from the collapsed checkpoint, equal continued-RL budgets (30 DAPO steps at lr 1e-4 on the
+                same problems) for each of
                   plain      continued DAPO
                   hot        continued DAPO sampling at a higher rollout temperature (the paper's baseline)
-                  tsopsd     reheat_tsopsd.py (tau 1.5, frozen teacher), then continued DAPO
+                  tsopsd     reheat_tsopsd.py (tau 1.5, frozen teacher, 8 steps), then continued DAPO
                   closed     the closed-form reheat (final norm / tau), then continued DAPO
-  3. evaluate   evaluate.py on the held-out problems for every checkpoint (avg@k, pass@k), and the
-                analyses of collapsed vs reheated (entropy, effective temperature, top-k overlap,
-                hidden-state similarity), plus the curves of every run
-  4. results    OUT/results.md (one table, every number read from the runs' own outputs) and OUT/plots
+  3. evaluate   evaluate.py on the held-out problems for every checkpoint (avg@k, pass@k, and each one's own
+                token entropy at T=1), the start and collapsed models' entropy on the training problems, the
+                analyses of collapsed vs reheated (entropy, effective temperature, top-k overlap, hidden-state
+                similarity), and the curves of every run (arms drawn from the collapse's last step on)
+  4. results    OUT/results.md: the regime reached (the three numbers of the collapse, with their targets),
+                the arms' table and tests, every number read from the runs' own outputs; plots in OUT/eval/plots
 
     python demo.py                      # ~10 minutes on 2 CPU cores, 1 seed
-    python demo.py --seeds 3            # three seeds per arm: mean and 95% CI in results.md
+    python demo.py --seeds 3            # three seeds per arm: mean and 95% CI, seed-aware tests in results.md
     python demo.py --quick              # a few steps of everything (what CI runs)
 
-Learning rates are ~50x the paper's 2e-6: the tiny model needs them to move in tens of steps. What a toy can
-show: the mechanics (entropy falls under RL, reheating raises it, RL continues from each start) and how the
-arms compare on this task; not whether the paper's claim holds for Qwen3 on competition math.
+Learning rates are 50-150x the paper's 2e-6: the tiny model needs them to move in hundreds of steps. What a toy
+can show: the mechanics (RL collapses entropy and diversity, reheating raises them, RL continues from each
+start) and how the arms compare on this task; not whether the paper's claim holds for Qwen3 on competition math.
 """
 import dataclasses
 import json
@@ -33,6 +41,7 @@ import time
 from common.cli import arg, parse_args
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+SPLITS = {"easy": "two operands, both <= 20", "two_term": "two operands", "all": "every problem"}
 
 
 @dataclasses.dataclass
@@ -42,43 +51,76 @@ class Args:
     data: str = arg(os.path.join("assets", "tiny_math", "data"), "folder with train.jsonl and test.jsonl")
     seeds: int = arg(1, "seeds per arm (the collapse run uses seed 0)")
     quick: bool = arg(False, "tiny budgets for a smoke test (CI)")
-    collapse_steps: int = arg(60, "DAPO steps of the collapse stage")
+    collapse_steps: int = arg(350, "DAPO steps of the collapse stage")
+    collapse_lr: float = arg(3e-4, "DAPO learning rate of the collapse stage (~4e-4 and above breaks the policy)")
+    collapse_warmup: int = arg(20, "linear warmup steps of the collapse stage (1 at 3e-4 breaks the policy)")
+    train_split: str = arg("easy", "training problems of the collapse, the reheat and the arms: easy (the problems "
+                           "of train.jsonl with two operands, both <= 20: the policy collapses onto them), two_term "
+                           "(two operands: it collapses less) or all (groups stay mixed)", choices=tuple(SPLITS))
+    jobs: int = arg(2, "stages run side by side in stage 2 (arms of a seed), each with cores / jobs threads; 1: one "
+                    "after another, streaming progress bars")
     arm_steps: int = arg(30, "continued-DAPO steps of every arm")
     reheat_steps: int = arg(8, "TS-OPSD steps before the tsopsd arm's continued RL")
     tau: float = arg(1.5, "reheat temperature (paper: 1.5); also the closed form's")
     hot_temperature: float = arg(1.5, "rollout temperature of the 'hot' arm")
-    lr: float = arg(1e-4, "DAPO learning rate (50x the paper's 2e-6: a 640k-parameter model needs it)")
+    lr: float = arg(1e-4, "DAPO learning rate of the arms (50x the paper's 2e-6: a 640k-parameter model needs it)")
     reheat_lr: float = arg(3e-4, "TS-OPSD learning rate")
     group_size: int = arg(8, "samples per prompt")
     prompts_per_step: int = arg(16, "groups per DAPO step")
     max_response_len: int = arg(64, "max tokens per response")
     eval_k: int = arg(8, "samples per held-out problem")
     eval_problems: int = arg(256, "held-out problems evaluated")
+    entropy_problems: int = arg(128, "training problems on which the start and collapsed models' entropy is measured")
     update_readme: bool = arg(False, "also copy results.md into README.md (between the demo-results markers)")
     engine: str = arg("hf", "rollout engine for every stage: hf or vllm (see README: hf is faster at this size)",
                       choices=("hf", "vllm"))
 
 
-def run(cmd: list[str], log: str):
-    """Run one stage as its own process (as a user would), streaming its progress bar, keeping a log."""
-    print(f"\n$ {' '.join(cmd)}", flush=True)
+def run(cmd: list[str], log: str, threads: int | None = None):
+    """Run one stage as its own process (as a user would), keeping a log. Alone (threads None) it streams its
+    progress bar; beside another stage it runs with `threads` threads and says only when it ends."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    print(f"\n$ {' '.join(cmd)}" if threads is None else f"[demo] started {os.path.basename(log)[:-4]}", flush=True)
+    t0 = time.time()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             f.write(line)
-            if line.startswith("[") or "it/s" in line or "s/it" in line:
+            if threads is None and (line.startswith("[") or "it/s" in line or "s/it" in line):
                 sys.stdout.write(line)
                 sys.stdout.flush()
         if proc.wait():
             raise SystemExit(f"stage failed (exit {proc.returncode}): see {log}")
+    if threads is not None:
+        print(f"[demo] done {os.path.basename(log)[:-4]} in {time.time() - t0:.0f} s", flush=True)
+
+
+def training_split(train: str, split: str, path: str) -> str:
+    """The problems of train.jsonl in `split` (SPLITS), written to path: what the collapse, the reheat and the
+    arms train on. "What is 13+16?" has two operands, 13 and 16."""
+    import re
+    if split == "all":
+        return train
+    rows = [json.loads(line) for line in open(train) if line.strip()]
+
+    def operands(row):
+        return [int(x) for x in re.findall(r"\d+", re.search(r"What is (.*)\?", row["prompt"][-1]["content"]).group(1))]
+    keep = [r for r in rows if len(operands(r)) == 2 and (split == "two_term" or max(operands(r)) <= 20)]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+    return path
 
 
 def main(argv=None):
     args = parse_args(Args, argv, description=__doc__)
+    if args.jobs < 1 or args.seeds < 1:
+        raise SystemExit(f"--jobs and --seeds must be >= 1, got {args.jobs} and {args.seeds}")
     if args.quick:
-        args.collapse_steps, args.arm_steps, args.reheat_steps = 3, 2, 2
-        args.eval_problems, args.eval_k, args.prompts_per_step = 32, 4, 8
+        args.collapse_steps, args.arm_steps, args.reheat_steps = 3, 2, 2         # the first steps of each stage
+        args.eval_problems, args.eval_k, args.prompts_per_step, args.entropy_problems = 32, 4, 8, 16
     train, test = os.path.join(args.data, "train.jsonl"), os.path.join(args.data, "test.jsonl")
     for path in (args.model, train, test):
         if not os.path.exists(path):
@@ -89,93 +131,135 @@ def main(argv=None):
     runs, logs = os.path.join(out, "runs"), os.path.join(out, "logs")
     for d in (runs, logs):
         os.makedirs(d, exist_ok=True)
-    t_start = time.time()
+    train = training_split(train, args.train_split, os.path.join(out, "data", f"train_{args.train_split}.jsonl"))
+    t_start, timings = time.time(), {}
     py = sys.executable
     common_rl = ["--data", train, "--prompt-style", "plain", "--rollout-engine", args.engine,
                  "--group-size", str(args.group_size), "--prompts-per-step", str(args.prompts_per_step),
                  "--gen-batch-prompts", str(2 * args.prompts_per_step), "--max-gen-batches", "4",
                  "--ppo-mini-batch", str(args.prompts_per_step), "--micro-batch-tokens", "512",
                  "--max-response-len", str(args.max_response_len), "--overlong-buffer", str(args.max_response_len // 4),
-                 "--lr", str(args.lr), "--warmup-steps", "1", "--val-data", test, "--val-max-problems", "64",
+                 "--val-data", test, "--val-max-problems", "128", "--val-n", "2",
                  "--no-compile", "--out", runs, "--save-every", "0", "--keep-last", "1", "--grade-workers", "0"]
     if args.engine == "vllm":
         common_rl += ["--vllm-kv-cache-gib", "0.25"]
 
-    def rl(name, model, steps, seed, extra=()):
+    threads = None if args.jobs == 1 else max(1, (os.cpu_count() or 1) // args.jobs)
+
+    def rl(name, model, steps, seed, lr, warmup, val_every, extra=(), threads=None):
         run_dir = os.path.join(runs, name)
         if not os.path.isdir(os.path.join(run_dir, "final")):
             shutil.rmtree(run_dir, ignore_errors=True)
+            t0 = time.time()
             run([py, "rl_dapo.py", "--model", model, "--steps", str(steps), "--seed", str(seed), "--run-name", name,
-                 "--val-every", str(max(steps // 3, 1)), *common_rl, *extra], os.path.join(logs, name + ".log"))
+                 "--lr", str(lr), "--warmup-steps", str(warmup), "--val-every", str(val_every), *common_rl, *extra],
+                os.path.join(logs, name + ".log"), threads)
+            timings[name] = time.time() - t0
         return run_dir
 
-    # ---- 1. collapse
-    print(f"[demo] 1/4 collapse: DAPO from {args.model} for {args.collapse_steps} steps", flush=True)
-    collapse = rl("collapse", args.model, args.collapse_steps, 0)
-    collapsed = os.path.join(collapse, "final")
+    def arm(name, model, seed, extra=()):
+        return rl(name, model, args.arm_steps, seed, args.lr, 1, max(args.arm_steps // 6, 1), extra, threads)
 
-    # ---- 2. arms
-    closed = os.path.join(runs, "closed_form")
-    if not os.path.isdir(closed):
-        run([py, "reheat_tsopsd.py", "--ckpt", collapsed, "--tau", str(args.tau), "--closed-form", "--out", closed],
-            os.path.join(logs, "closed_form.log"))
-    arm_runs = {"plain": [], "hot": [], "tsopsd": [], "closed": []}
-    reheated = {}
-    for seed in range(args.seeds):
-        print(f"[demo] 2/4 arms, seed {seed}", flush=True)
-        arm_runs["plain"].append(rl(f"plain_s{seed}", collapsed, args.arm_steps, seed))
-        arm_runs["hot"].append(rl(f"hot_s{seed}", collapsed, args.arm_steps, seed,
-                                  ["--rollout-temperature", str(args.hot_temperature)]))
+    def reheat(seed):
         reheat_dir = os.path.join(runs, f"reheat_s{seed}")
         if not os.path.isdir(os.path.join(reheat_dir, "final")):
             shutil.rmtree(reheat_dir, ignore_errors=True)
+            t0 = time.time()
             run([py, "reheat_tsopsd.py", "--ckpt", collapsed, "--tau", str(args.tau), "--steps", str(args.reheat_steps),
                  "--data", train, "--prompt-style", "plain", "--rollout-engine", args.engine,
                  "--group-size", str(args.group_size), "--prompts-per-step", str(args.prompts_per_step),
                  "--max-response-len", str(args.max_response_len), "--lr", str(args.reheat_lr), "--seed", str(seed),
                  "--micro-batch-tokens", "512", "--no-compile", "--grade-workers", "0", "--out", runs,
                  "--run-name", f"reheat_s{seed}"] + (["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else []),
-                os.path.join(logs, f"reheat_s{seed}.log"))
-        reheated[seed] = os.path.join(reheat_dir, "final")
-        arm_runs["tsopsd"].append(rl(f"tsopsd_s{seed}", reheated[seed], args.arm_steps, seed))
-        arm_runs["closed"].append(rl(f"closed_s{seed}", closed, args.arm_steps, seed))
+                os.path.join(logs, f"reheat_s{seed}.log"), threads)
+            timings[f"reheat_s{seed}"] = time.time() - t0
+        return os.path.join(reheat_dir, "final")
 
-    # ---- 3. evaluate: accuracy of every checkpoint, arms over seeds, collapsed vs reheated, curves
+    # ---- 1. collapse
+    print(f"[demo] 1/4 collapse: DAPO from {args.model} for {args.collapse_steps} steps on {train}", flush=True)
+    collapse = rl("collapse", args.model, args.collapse_steps, 0, args.collapse_lr, args.collapse_warmup,
+                  max(args.collapse_steps // 14, 1))
+    collapsed = os.path.join(collapse, "final")
+
+    # ---- 2. arms: equal continued-RL budgets from the collapsed checkpoint
+    closed = os.path.join(runs, "closed_form")
+    if not os.path.isdir(closed):
+        run([py, "reheat_tsopsd.py", "--ckpt", collapsed, "--tau", str(args.tau), "--closed-form", "--out", closed],
+            os.path.join(logs, "closed_form.log"))
+    arm_runs = {name: [None] * args.seeds for name in ("plain", "hot", "tsopsd", "closed")}
+    reheated = {}
+
+    def chain_a(seed):
+        arm_runs["plain"][seed] = arm(f"plain_s{seed}", collapsed, seed)
+        arm_runs["hot"][seed] = arm(f"hot_s{seed}", collapsed, seed, ["--rollout-temperature", str(args.hot_temperature)])
+
+    def chain_b(seed):
+        reheated[seed] = reheat(seed)
+        arm_runs["tsopsd"][seed] = arm(f"tsopsd_s{seed}", reheated[seed], seed)
+        arm_runs["closed"][seed] = arm(f"closed_s{seed}", closed, seed)
+
+    # two chains per seed, side by side (--jobs; plumbing only: every stage is the same command either way)
+    print(f"[demo] 2/4 arms, {args.seeds} seed(s), {args.jobs} stage(s) at a time", flush=True)
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max(args.jobs, 1)) as pool:
+        for job in [pool.submit(chain, seed) for seed in range(args.seeds) for chain in (chain_a, chain_b)]:
+            job.result()
+    reheated = dict(sorted(reheated.items()))
+
+    # ---- 3. evaluate: accuracy and own-sample entropy of every checkpoint, arms over seeds, collapsed vs
+    # reheated, curves; then the start and collapsed models' entropy on the problems the collapse trained on
     print("[demo] 3/4 evaluate every checkpoint on the held-out set, compare collapsed vs reheated", flush=True)
+    t0 = time.time()
     ckpts = {"start": args.model, "collapsed": collapsed, "closed_form": closed}
     ckpts |= {f"reheated_s{s}": p for s, p in reheated.items()}
     arms = {arm: [os.path.join(d, "final") for d in dirs] for arm, dirs in arm_runs.items()}
-    eval_dir = os.path.join(out, "eval")
+    eval_dir, eval_train = os.path.join(out, "eval"), os.path.join(out, "eval_train")
+    sampling = ["--k", str(args.eval_k), "--prompt-style", "plain", "--max-tokens", str(args.max_response_len),
+                "--temperature", "1.0", "--rollout-engine", args.engine, "--entropy-samples", str(args.eval_k),
+                "--hf-batch-size", "256", "--grade-workers", "0"] + (["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else [])
     run([py, "evaluate.py", "--ckpt", *[f"{k}={v}" for k, v in ckpts.items()],
          "--arms", *[f"{arm}={','.join(paths)}" for arm, paths in arms.items()],
          "--compare", f"collapsed={collapsed}", f"reheated={reheated[0]}",
          "--runs", f"collapse={collapse}", *[f"{os.path.basename(d)}={d}" for ds in arm_runs.values() for d in ds],
          *[f"reheat_s{s}={os.path.dirname(p)}" for s, p in reheated.items()],
-         "--benchmarks", f"heldout={test}", "--max-problems", str(args.eval_problems), "--k", str(args.eval_k),
-         "--prompt-style", "plain", "--max-tokens", str(args.max_response_len), "--temperature", "1.0",
-         "--rollout-engine", args.engine, "--compare-problems", "64", "--compare-n", str(args.group_size),
-         "--analysis-tokens", "2048", "--grade-workers", "0", "--out", eval_dir]
-        + (["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else []), os.path.join(logs, "evaluate.log"))
+         "--benchmarks", f"heldout={test}", "--max-problems", str(args.eval_problems), *sampling,
+         "--compare-problems", "64", "--compare-n", str(args.group_size), "--analysis-tokens", "2048",
+         "--out", eval_dir], os.path.join(logs, "evaluate.log"))
+    run([py, "evaluate.py", "--ckpt", f"start={args.model}", f"collapsed={collapsed}", "--benchmarks", f"train={train}",
+         "--max-problems", str(args.entropy_problems), *sampling, "--out", eval_train],
+        os.path.join(logs, "evaluate_train.log"))
+    timings["evaluate"] = time.time() - t0
 
     # ---- 4. results
-    write_results(out, args, ckpts, arm_runs, reheated, eval_dir, time.time() - t_start)
+    write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, collapse, train, timings,
+                  time.time() - t_start)
     if args.update_readme:
-        update_readme(os.path.join(out, "results.md"))
+        update_readme(os.path.join(out, "results.md"), eval_dir)
     print(f"\n[demo] done in {(time.time() - t_start) / 60:.1f} min. Results: {os.path.join(out, 'results.md')}; "
           f"details and plots: {eval_dir} (results.md, plots/); run directories: {runs}", flush=True)
 
 
-def update_readme(results_md: str, readme: str = os.path.join(ROOT, "README.md")):
-    """Put a demo's results.md into the README verbatim, so no number there is typed by hand."""
+def update_readme(results_md: str, eval_dir: str, readme: str = os.path.join(ROOT, "README.md")):
+    """Put a demo's results.md into the README verbatim, so no number there is typed by hand; its figures are
+    copied to docs/demo/ (committed, unlike runs/)."""
     start, end = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
     text = open(readme).read()
     if start not in text or end not in text:
         raise SystemExit(f"{readme} has no {start} ... {end} markers")
     body = open(results_md).read().replace("# TS-OPSD demo: results", "").strip()
+    os.makedirs(os.path.join(ROOT, "docs", "demo"), exist_ok=True)
+    for name in FIGURES:
+        src = os.path.join(eval_dir, "plots", name)
+        if os.path.exists(src):
+            shutil.copy(src, os.path.join(ROOT, "docs", "demo", name))
+            body = body.replace(f"](eval/plots/{name})", f"](docs/demo/{name})")
     body = body.replace("](eval/", "](runs/demo/eval/")
     head, rest = text.split(start, 1)
     with open(readme, "w") as f:
         f.write(head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1])
+
+
+FIGURES = ("runs_summary.png", "runs_entropy.png", "runs_accuracy.png", "runs_uniform_groups.png")
 
 
 def label_of(ckpt_path: str, evals: dict) -> str:
@@ -186,23 +270,63 @@ def label_of(ckpt_path: str, evals: dict) -> str:
     return ckpt_path
 
 
-def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, seconds):
+def read_evals(eval_dir: str) -> dict:
+    """label -> evaluate.py's results JSON (results/<label>__<settings>.json)."""
+    import glob
+    evals = {}
+    for path in glob.glob(os.path.join(eval_dir, "results", "*.json")):
+        data = json.load(open(path))
+        evals[data.get("label") or os.path.basename(path).split("__")[0]] = data
+    return evals
+
+
+def regime(collapse_dir: str, evals: dict, evals_train: dict, k: int, last: int = 10) -> dict:
+    """The three numbers of the collapse (issue 13's targets) and what explains them, from the outputs."""
+    from common.runlog import read_metrics
+    rows = read_metrics(collapse_dir)
+
+    def window(rs, key):
+        vals = [r[key] for r in rs if key in r]
+        return sum(vals) / len(vals) if vals else None
+    tail = rows[-last:]
+    seen = sum(r["rollout/groups_seen"] for r in tail)
+    right, wrong = sum(r["rollout/groups_all_right"] for r in tail), sum(r["rollout/groups_all_wrong"] for r in tail)
+    head = rows[:last]
+    macro = lambda e, key: e.get("macro", {}).get(key)   # noqa: E731
+    out = {"steps": len(rows), "last": last,
+           "ent_train": (macro(evals_train.get("start", {}), "ent_t1"), macro(evals_train.get("collapsed", {}), "ent_t1")),
+           "ent_heldout": (macro(evals.get("start", {}), "ent_t1"), macro(evals.get("collapsed", {}), "ent_t1")),
+           "ent_rollout": (window(head, "rollout/entropy_est"), window(tail, "rollout/entropy_est")),
+           "uniform": (sum(r["rollout/groups_all_right"] + r["rollout/groups_all_wrong"] for r in head)
+                       / max(sum(r["rollout/groups_seen"] for r in head), 1), (right + wrong) / max(seen, 1)),
+           "all_right": right / max(seen, 1), "all_wrong": wrong / max(seen, 1),
+           "gen_batches": (window(head, "rollout/gen_batches"), window(tail, "rollout/gen_batches")),
+           "pass": (macro(evals.get("start", {}), f"pass@{k}"), macro(evals.get("collapsed", {}), f"pass@{k}")),
+           "avg": (macro(evals.get("start", {}), f"avg@{k}"), macro(evals.get("collapsed", {}), f"avg@{k}"))}
+    e0, e1 = out["ent_train"]
+    out["ent_ratio"] = e1 / e0 if e0 and e1 is not None else None
+    out["met"] = {"entropy": out["ent_ratio"] is not None and out["ent_ratio"] <= 1 / 3,
+                  "uniform": out["uniform"][1] >= 0.5,
+                  "pass": None not in out["pass"] and out["pass"][1] < out["pass"][0]}
+    return out
+
+
+def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, collapse, train, timings, seconds):
     """results.md: every number read from the runs' metrics.jsonl and evaluate.py's JSON, none typed in."""
     from common.runlog import read_metrics
     from common.stats import mean_ci
     import glob
-    evals = {}                                   # label -> evaluate.py's results JSON (results/<label>__<settings>.json)
-    for path in glob.glob(os.path.join(eval_dir, "results", "*.json")):
-        data = json.load(open(path))
-        evals[data.get("label") or os.path.basename(path).split("__")[0]] = data
+    evals, evals_train = read_evals(eval_dir), read_evals(eval_train)
 
     def acc(name, key):
-        e = evals.get(name, {})
-        return e.get("macro", {}).get(key)
+        return evals.get(name, {}).get("macro", {}).get(key)
 
-    def entropy(run_dir, first: bool):
-        rows = [r for r in read_metrics(run_dir) if "train/entropy_t1" in r]
-        return (rows[0] if first else rows[-1])["train/entropy_t1"] if rows else None
+    def tail_mean(run_dir, key, n=5):
+        vals = [r[key] for r in read_metrics(run_dir) if key in r][-n:]
+        return sum(vals) / len(vals) if vals else None
+
+    def f3(v):
+        return "n/a" if v is None else f"{v:.3f}"
 
     def fmt(values):
         values = [v for v in values if v is not None]
@@ -213,21 +337,46 @@ def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, seconds):
         m, lo, hi = mean_ci(values)
         return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
-    k = args.eval_k
+    k, rg = args.eval_k, regime(collapse, evals, evals_train, args.eval_k)
+    yes = lambda ok: "**yes**" if ok else "**no**"   # noqa: E731
+    stage_times = ", ".join(f"{name} {t:.0f} s" for name, t in timings.items())
     lines = ["# TS-OPSD demo: results", "",
              f"Command: `python demo.py {' '.join(sys.argv[1:])}`; seeds: {args.seeds}; engine: {args.engine}; "
-             f"wall time {seconds / 60:.1f} min on {os.cpu_count()} CPU cores.", "",
-             f"Held-out: {args.eval_problems} problems, k={k} samples each at T=1. Entropy: mean token entropy at T=1 "
-             f"of the policy on its training rollouts (first and last step of the arm's RL). With several seeds: "
-             f"mean [95% CI].", "",
-             f"| arm | start checkpoint | entropy start -> end | held-out avg@{k} | pass@{k} |",
-             "|---|---|---|---|---|"]
+             f"wall time {seconds / 60:.1f} min on {os.cpu_count()} CPU cores ({stage_times or 'all stages cached'}).",
+             "", f"## 1. The collapse: {rg['steps']} DAPO steps from the start model on "
+             f"{os.path.basename(train)}", "",
+             f"Entropy: each model's mean token entropy at T=1 over its own samples (k={k}) of {args.entropy_problems} "
+             f"training problems (evaluate.py `ent_t1`). Uniform: groups all right or all wrong, summed over the first "
+             f"and the last {rg['last']} steps (`rollout/uniform_frac`). pass@{k}: {args.eval_problems} held-out "
+             f"problems (2-4 operands).", "",
+             "| | start | collapsed | target | met |", "|---|---|---|---|---|",
+             f"| token entropy at T=1, training problems | {f3(rg['ent_train'][0])} | {f3(rg['ent_train'][1])} "
+             f"(ratio {f3(rg['ent_ratio'])}) | ratio <= 0.333 | {yes(rg['met']['entropy'])} |",
+             f"| uniform groups (first / last {rg['last']} steps) | {f3(rg['uniform'][0])} | {f3(rg['uniform'][1])} "
+             f"({f3(rg['all_right'])} all right, {f3(rg['all_wrong'])} all wrong) | >= 0.5 | {yes(rg['met']['uniform'])} |",
+             f"| held-out pass@{k} | {f3(rg['pass'][0])} | {f3(rg['pass'][1])} | below the start's | "
+             f"{yes(rg['met']['pass'])} |",
+             f"| held-out avg@{k} | {f3(rg['avg'][0])} | {f3(rg['avg'][1])} | | |",
+             f"| token entropy at T=1, held-out problems | {f3(rg['ent_heldout'][0])} | {f3(rg['ent_heldout'][1])} | | |",
+             f"| rollout entropy, all groups (first / last {rg['last']} steps) | {f3(rg['ent_rollout'][0])} | "
+             f"{f3(rg['ent_rollout'][1])} | | |",
+             f"| generation batches per step (first / last {rg['last']}) | {f3(rg['gen_batches'][0])} | "
+             f"{f3(rg['gen_batches'][1])} | | |", "",
+             "![collapse, then the arms: rollout entropy, held-out accuracy and uniform groups against step]"
+             "(eval/plots/runs_summary.png)", "",
+             f"## 2. The arms: {args.arm_steps} continued-DAPO steps each from the collapsed checkpoint", "",
+             f"Held-out: {args.eval_problems} problems, k={k} samples each at T=1. Rollout entropy and uniform groups: "
+             f"mean of the arm's last 5 steps of RL (at the arm's rollout temperature). ent_t1: the final checkpoint's "
+             f"token entropy at T=1 on its own held-out samples. With several seeds: mean [95% CI].", "",
+             f"| arm | start checkpoint | rollout entropy, last 5 | uniform groups, last 5 | ent_t1 | held-out avg@{k} "
+             f"| pass@{k} |", "|---|---|---|---|---|---|---|"]
     starts = {"plain": "collapsed", "hot": f"collapsed, T={args.hot_temperature}", "tsopsd": f"TS-OPSD tau={args.tau}",
               "closed": f"closed form tau={args.tau}"}
     for arm, dirs in arm_runs.items():
         names = [label_of(os.path.join(d, "final"), evals) for d in dirs]
-        lines.append(f"| {arm} | {starts[arm]} | {fmt([entropy(d, True) for d in dirs])} -> "
-                     f"{fmt([entropy(d, False) for d in dirs])} | {fmt([acc(n, f'avg@{k}') for n in names])} | "
+        lines.append(f"| {arm} | {starts[arm]} | {fmt([tail_mean(d, 'rollout/entropy_est') for d in dirs])} | "
+                     f"{fmt([tail_mean(d, 'rollout/uniform_frac') for d in dirs])} | "
+                     f"{fmt([acc(n, 'ent_t1') for n in names])} | {fmt([acc(n, f'avg@{k}') for n in names])} | "
                      f"{fmt([acc(n, f'pass@{k}') for n in names])} |")
     arm_tests = [t for path in glob.glob(os.path.join(eval_dir, "arms__*.json"))
                  for t in json.load(open(path))["tests"] if t["benchmark"] == "heldout"]
@@ -242,9 +391,11 @@ def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, seconds):
         for t in arm_tests:
             lines.append(f"| {t['a']} - {t['b']} | {ci(t)} | {ci(t.get('seed_bootstrap'))} | "
                          f"{ci(t.get('seed_paired_t'))} |")
-    lines += ["", "Checkpoints before continued RL:", "", f"| checkpoint | held-out avg@{k} | pass@{k} |", "|---|---|---|"]
+    lines += ["", "Checkpoints before continued RL (held-out):", "",
+              f"| checkpoint | avg@{k} | pass@{k} | ent_t1 |", "|---|---|---|---|"]
     for name in ["start", "collapsed", "closed_form"] + [f"reheated_s{s}" for s in reheated]:
-        lines.append(f"| {name} | {fmt([acc(name, f'avg@{k}')])} | {fmt([acc(name, f'pass@{k}')])} |")
+        lines.append(f"| {name} | {fmt([acc(name, f'avg@{k}')])} | {fmt([acc(name, f'pass@{k}')])} | "
+                     f"{fmt([acc(name, 'ent_t1')])} |")
     cmp_paths = glob.glob(os.path.join(eval_dir, "compare__*.json"))
     if cmp_paths:
         c = json.load(open(cmp_paths[0]))
@@ -261,9 +412,11 @@ def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, seconds):
                   + ", ".join(f"{layer['name']} {layer['cka']:.4f}" for layer in c["layers"]) + "."]
     lines += ["", f"Everything else (per-benchmark tables, the tests between arms, the collapsed vs reheated "
               f"analyses: entropy, effective temperature, top-k overlap, per-layer similarity, diversity) is in "
-              f"[eval/results.md](eval/results.md); curves in eval/plots/."]
+              f"[eval/results.md](eval/results.md); every curve in eval/plots/ (runs_entropy.png, runs_accuracy.png, "
+              f"runs_uniform_groups.png, runs_entropy_trained.png, runs_response_len.png)."]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    return rg
 
 
 if __name__ == "__main__":

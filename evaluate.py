@@ -7,7 +7,7 @@ Any combination of four jobs in one call, all writing into `--out` (results.md i
    weights loaded in place), graded by common/grading.py. Under torchrun rank r samples problems
    r, r+W, ... of the to-do list and rank 0 gathers and writes them. Every problem has its own sampling seed,
    derive_seed(--seed, crc32(benchmark), crc32(problem id)), so its samples depend neither on the number of ranks
-   nor on what else is in the batch (vLLM: one seed per request; HF: one generate call per problem). Samples are
+   nor on what else is in the batch (vLLM: one seed per request; HF: one random stream per sampled row). Samples are
    cached per (checkpoint, benchmark, sampling settings) as JSONL, one line per problem, appended as they are
    graded: a rerun skips problems already cached (a line cut short by a kill is dropped) and regenerates nothing.
 2. Seeds (`--arms name=ckptA,ckptB,ckptC other=...`): one checkpoint per training seed. Per benchmark, mean and
@@ -27,7 +27,9 @@ Any combination of four jobs in one call, all writing into `--out` (results.md i
    The paper reports, on Qwen3-8B, a cosine of -0.878 "between Delta_low and -Delta_high" and a reverse projection
    coefficient of +0.891; those two signs cannot both hold for one pair of vectors (see common/stats.py:
    displacement_metrics), so compare the paper's -0.878 with our `cos_low_high` (= -cosine).
-4. Runs (`--runs DIR ...`): PNG curves of entropy, accuracy and response length from metrics.jsonl.
+4. Runs (`--runs DIR ...`): PNG curves of entropy, accuracy, uniform groups and response length from
+   metrics.jsonl, and one summary figure; a run started from another listed run's checkpoint continues its
+   x-axis, and label_s0, label_s1, ... are drawn as one mean with a band (common/curves.py).
 
 Sampling defaults: temperature 1.0, top-p 1.0 (the distribution the policy was trained and reheated at: the
 objects compared are policies at T=1, and a reheated model IS approximately the collapsed one at T=tau; evaluating
@@ -52,7 +54,9 @@ Outputs in --out:
     compare__<base>__vs__<other>.json      the comparison; displacement__<base>__<low>__<high>.json
     generations/<ckpt>/<bench>__<settings>.jsonl   the sample cache: {"id", "samples": [{"text", "answer",
                                            "correct", "length", "finish_reason"(, "ids")}]}, + .meta.json
-    plots/runs_{entropy,accuracy,response_len}.png, plots/compare__<b>__vs__<o>_{entropy,tau,layers}.png
+    plots/runs_{entropy,entropy_trained,accuracy,uniform_groups,response_len,summary}.png (common/curves.py:
+                                           branches continue their parent's steps; seeds: mean + band),
+    plots/compare__<b>__vs__<o>_{entropy,tau,layers}.png
     config.json, env.json, command.txt     what produced them (common/runlog.py)
 The cache, the streamed safetensors reads, the JSON, results.md and the plots are in common/eval_io.py.
 
@@ -66,6 +70,9 @@ Metrics (README text):
                     accuracy: guessing)
     len             mean response length in tokens; trunc: fraction of responses cut at --max-tokens (graded
                     as they are, usually wrong); no_ans: fraction with no extractable final answer
+    ent_t1          (--entropy-samples N) mean next-token entropy at T=1 (nats) of the checkpoint over the
+                    response tokens of its own first N samples per problem: how collapsed the policy is where
+                    it actually goes (a collapsed and a start model each on their own samples)
     Seeds: `mean [lo, hi]` is the mean over seeds with a 95% Student-t interval (empty with one seed);
     bootstrap `diff` = mean over problems of (arm A - arm B) per-problem accuracy, its 95% percentile interval and
     two-sided p-value (10000 resamples of problems; pairs kept together, so problem difficulty cancels). That
@@ -114,8 +121,9 @@ from common.cli import arg, check_context_length, parse_args
 from common.data import BENCHMARKS, LOCAL_EXTENSIONS, PROMPT_STYLES, DataError, load_problems, render_prompt
 from common.dist import (all_gather_objects, check_model_path, cleanup_distributed, derive_seed, init_distributed,
                          print0, resolve_model_path)
-from common.eval_io import (Delta, Weights, dump, fingerprint, layer_of, plot_comparison, plot_runs, read_cache,
-                            sq_norm, write_markdown)
+from common.curves import plot_runs, plot_summary
+from common.eval_io import (Delta, Weights, dump, fingerprint, layer_of, plot_comparison, read_cache, sq_norm,
+                            write_markdown)
 from common.grading import extract_answer, grade_batch, truncated_is_wrong
 from common.losses import entropy_from_hidden
 from common.rollout import make_engine
@@ -127,9 +135,16 @@ from common.stats import (LogitsFromHidden, distinct_count, displacement_metrics
 PAPER_BENCHMARKS = "aime24,aime25,amc23,math500,minerva,olympiadbench,gpqa_diamond"
 MULTI_FLAGS = ("--ckpt", "--arms", "--compare", "--displacement", "--runs")   # take several space-separated values
 TAU_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
-RUN_CURVES = {"entropy": ("train/entropy_t1", "reheat/student_entropy"),
+RUN_CURVES = {"entropy": ("rollout/entropy_est", "reheat/student_entropy"),
+              "entropy_trained": ("train/entropy_t1",),
               "accuracy": ("rollout/accuracy", "val/accuracy"),
+              "uniform_groups": ("rollout/uniform_frac",),
               "response_len": ("rollout/response_len_mean", "val/response_len")}
+# plots/runs_summary.png: one panel each; a run draws the first key it has
+SUMMARY_PANELS = {"rollout token entropy (log scale)\n-log p of the sampled tokens,\nall groups, at the rollout T":
+                  ("rollout/entropy_est", "reheat/student_entropy"),
+                  "held-out accuracy\n(validation, --val-n samples\nat --val-temperature)": ("val/accuracy",),
+                  "uniform groups\n(all right or all wrong:\nwhat dynamic sampling drops)": ("rollout/uniform_frac",)}
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -179,8 +194,13 @@ class Args:
     compare_n: int = arg(8, "samples per prompt and model for --compare's diversity", group="analyses")
     analysis_tokens: int = arg(8192, "response positions analysed: a seeded uniform sample over BASE's first "
                                "sample of every --compare prompt (all of them if fewer)", group="analyses")
-    micro_batch_tokens: int = arg(4096, "tokens per padding-free scoring forward (a longer sequence runs alone)",
-                                  group="analyses")
+    entropy_samples: int = arg(0, "also the mean token entropy at T=1 of every --ckpt/--arms checkpoint on its OWN "
+                               "samples (column ent_t1): the response tokens of its first N samples per problem, "
+                               "scored in float32 (0: off; costs one forward over those tokens per checkpoint, on "
+                               "rank 0)", group="analyses")
+    micro_batch_tokens: int | None = arg(None, "tokens per padding-free scoring forward, a longer sequence alone "
+                                         "(default: 4096 on CUDA; 512 on CPU, where sdpa builds the packed row's mask "
+                                         "as a dense [T, T] tensor)", group="analyses")
     chunk_size: int = arg(64, "token rows per logits chunk (each a few [chunk, vocab] float64 buffers)", group="analyses")
     n_boot: int = arg(10000, "bootstrap resamples for the tests between arms", group="analyses")
     # systems and output
@@ -266,8 +286,12 @@ def check_args(a: Args) -> dict:
         raise SystemExit("nothing to do: give --ckpt, --arms, --compare, --displacement and/or --runs")
     for c in ckpts + [c for cs in arms.values() for c in cs] + compare + disp:
         check_model_path(c.path)
+    if a.entropy_samples < 0:
+        raise SystemExit(f"--entropy-samples must be >= 0 (0: off), got {a.entropy_samples}")
+    if a.micro_batch_tokens is not None and a.micro_batch_tokens <= 0:
+        raise SystemExit(f"--micro-batch-tokens must be positive, got {a.micro_batch_tokens}")
     for name in ("k", "max_tokens", "gen_chunk", "hf_batch_size", "compare_problems", "compare_n", "analysis_tokens",
-                 "micro_batch_tokens", "chunk_size", "n_boot"):
+                 "chunk_size", "n_boot"):
         if getattr(a, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
     if a.temperature <= 0 or not 0 < a.top_p <= 1:
@@ -295,16 +319,8 @@ def sample_and_grade(a: Args, engine, tokenizer, bench: str, problems, n: int, w
     prompts = [render_prompt(p, tokenizer, a.prompt_style) for p in problems]
     seeds = [problem_seed(a, bench, p.id) for p in problems]
     kw = dict(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens)
-    if engine.name == "vllm":                           # one seed per request: batch composition does not matter
-        groups = engine.generate(prompts, n=n, seeds=seeds, **kw)
-    else:                                               # HF seeds a whole generate call: one call per problem
-        groups = []
-        for prompt, sd in zip(prompts, seeds):
-            group = []
-            for j, start in enumerate(range(0, n, a.hf_batch_size)):
-                m = min(a.hf_batch_size, n - start)
-                group += engine.generate([prompt], n=m, seeds=[derive_seed(sd, j)], **kw)[0]
-            groups.append(group)
+    # one seed per problem (vLLM: per request; HF: one stream per sampled row): batch composition does not matter
+    groups = engine.generate(prompts, n=n, seeds=seeds, **kw)
     texts = [s.text for g in groups for s in g]
     correct = grade_batch(texts, [p.answer for p, g in zip(problems, groups) for _ in g],
                           is_choice=[p.is_choice for p, g in zip(problems, groups) for _ in g],
@@ -387,6 +403,32 @@ def score_sequences(path: str, seqs: list[tuple[list[int], list[int], np.ndarray
     del lm, modules
     release()
     return out
+
+
+@torch.no_grad()
+def own_entropy(path: str, problems, rows: list[dict], a: Args, device) -> float:
+    """ent_t1: mean next-token entropy at T=1 (nats) of the model at `path` over the response tokens of its own
+    first --entropy-samples samples per problem (every response token weighs the same), in float32, packed."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    seqs = [(tok(render_prompt(p, tok, a.prompt_style), add_special_tokens=False).input_ids, s["ids"])
+            for p, r in zip(problems, rows) for s in r["samples"][:a.entropy_samples] if s["ids"]]
+    lm = hf_model(path, device, torch.float32)
+    weight = lm.get_output_embeddings().weight.detach().float()
+    total, count, part, size = 0.0, 0, [], 0
+    for i, seq in enumerate(seqs):
+        part.append(seq)
+        size += len(seq[0]) + len(seq[1])
+        if i + 1 < len(seqs) and size + len(seqs[i + 1][0]) + len(seqs[i + 1][1]) <= a.micro_batch_tokens:
+            continue
+        ids, pos, pred, _ = pack_padding_free(part, device)
+        h = lm.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[pred].float()
+        total += float(entropy_from_hidden(h, weight, 1.0, chunk_size=a.chunk_size, compiled=False).double().sum())
+        count += h.shape[0]
+        part, size = [], 0
+    del lm
+    release()
+    return total / count if count else math.nan
 
 
 def diversity(groups: list[list[dict]]) -> dict:
@@ -485,6 +527,8 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- setup
     info = init_distributed(args.device)
+    if args.micro_batch_tokens is None:
+        args.micro_batch_tokens = 4096 if info.device.type == "cuda" else 512
     out = os.path.abspath(args.out)
     make_run_dir(os.path.dirname(out), "evaluate", dataclasses.asdict(args) | {"run_name": os.path.basename(out)},
                  rank=info.rank)
@@ -535,7 +579,8 @@ def main(argv=None):
 
     generated, jobs = {}, {}                    # jobs: label -> [(benchmark, problems, n, with_ids)]
     for c in by_path.values():
-        jobs[c.label] = [(b, ps, args.k, False) for b, ps in problems.items()] if c in accuracy else []
+        own_ids = args.entropy_samples > 0              # ent_t1 scores the cached response ids
+        jobs[c.label] = [(b, ps, args.k, own_ids) for b, ps in problems.items()] if c in accuracy else []
         if c in compare:
             for b in dict.fromkeys(b for b, _ in compare_problems):
                 jobs[c.label].append((b, [p for bb, p in compare_problems if bb == b], args.compare_n, True))
@@ -621,9 +666,11 @@ def main(argv=None):
     for c in accuracy:
         per_bench, per_problem = {}, {}
         for bench, ps in problems.items():
-            cached = read_cache(cache_file(c, bench, args.k, False))
+            cached = read_cache(cache_file(c, bench, args.k, args.entropy_samples > 0))
             rows = [cached[p.id] for p in ps]
             per_bench[bench] = summarize_benchmark(rows, args.k)
+            if args.entropy_samples:
+                per_bench[bench]["ent_t1"] = own_entropy(c.path, ps, rows, args, info.device)
             per_problem[bench] = {r["id"]: float(np.mean([s["correct"] for s in r["samples"]])) for r in rows}
         macro = {key: float(np.mean([m[key] for m in per_bench.values()])) for key in next(iter(per_bench.values()))
                  if key not in ("n_problems", "k")} | {"n_problems": sum(m["n_problems"] for m in per_bench.values()),
@@ -700,6 +747,8 @@ def main(argv=None):
     # ------------------------------------------------------------------------- save: plots of runs, results.md
     if spec["runs"]:
         plot_runs(spec["runs"], RUN_CURVES, os.path.join(out, "plots"))
+        plot_summary(spec["runs"], SUMMARY_PANELS, os.path.join(out, "plots", "runs_summary.png"),
+                     log_y=tuple(SUMMARY_PANELS)[:1])
     write_markdown(out)
     print0(f"[evaluate] done: {os.path.join(out, 'results.md')}")
     return out

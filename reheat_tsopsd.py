@@ -34,6 +34,7 @@ reheat/divergence, reheat/top1_agree, rollout/accuracy, rollout/distinct_answers
 train/grad_norm, train/lr, time/*.
 """
 import dataclasses
+import json
 import os
 import time
 
@@ -149,6 +150,8 @@ def closed_form_reheat(ckpt: str, tau: float, out: str):
     with torch.no_grad():
         lm.model.norm.weight.div_(tau)
     save_hf(out, lm, AutoTokenizer.from_pretrained(ckpt))
+    with open(os.path.join(out, "closed_form.json"), "w") as f:      # provenance (common/curves.py reads it)
+        json.dump({"source": os.path.abspath(ckpt), "tau": tau, "method": "model.norm.weight / tau"}, f, indent=1)
     print(f"[reheat_tsopsd] closed-form tau={tau} checkpoint written to {out}")
     return out
 

@@ -338,6 +338,7 @@ def main(argv=None):
         # ---- 1-3: rollout, reward, dynamic sampling
         kept, t_gen, t_grade, gen_tokens = [], 0.0, 0.0, 0
         all_acc, all_len, all_trunc, distinct, groups_seen, gen_batches = [], [], [], [], 0, 0
+        sampled_nll, all_right, all_wrong = 0.0, 0, 0
         while True:
             problems, positions = draw_prompts(cursor, args.gen_batch_prompts)
             cursor += args.gen_batch_prompts
@@ -358,6 +359,8 @@ def main(argv=None):
                 all_len += lengths
                 all_trunc += [s.finish_reason == "length" for s in g]
                 distinct.append(distinct_count([extract_answer(s.text) for s in g]))
+                sampled_nll -= sum(sum(s.logprobs) for s in g)
+                all_right, all_wrong = all_right + all(a > 0 for a in acc), all_wrong + all(a <= 0 for a in acc)
                 groups_seen += 1
                 if keep_group(acc):
                     scores = [(1.0 if a > 0 else -1.0) + overlong_penalty(n_tok, L, B, args.overlong_factor)
@@ -382,7 +385,8 @@ def main(argv=None):
         n_use = min(len(pool), args.prompts_per_step) // args.ppo_mini_batch * args.ppo_mini_batch
         own = engine.tp_rank == 0
         tot = all_reduce([sum(all_acc) * own, len(all_acc) * own, sum(all_len) * own, sum(all_trunc) * own,
-                          sum(distinct) * own, groups_seen * own, gen_tokens * own])
+                          sum(distinct) * own, groups_seen * own, gen_tokens * own, sampled_nll * own,
+                          all_right * own, all_wrong * own])
         mx = all_reduce([max(all_len, default=0)], "max")
         m |= {"rollout/accuracy": tot[0].item() / max(tot[1].item(), 1),
               "rollout/reward_mean": (2 * tot[0].item() - tot[1].item()) / max(tot[1].item(), 1),
@@ -392,6 +396,9 @@ def main(argv=None):
               "rollout/distinct_answers": tot[4].item() / max(tot[5].item(), 1),
               "rollout/groups_seen": tot[5].item(), "rollout/groups_kept": len(pool),
               "rollout/groups_filtered": tot[5].item() - len(pool), "rollout/groups_used": n_use,
+              "rollout/groups_all_right": tot[8].item(), "rollout/groups_all_wrong": tot[9].item(),
+              "rollout/uniform_frac": (tot[8].item() + tot[9].item()) / max(tot[5].item(), 1),
+              "rollout/entropy_est": tot[7].item() / max(tot[6].item(), 1),
               "rollout/gen_batches": gen_batches,
               "time/rollout": t_gen, "time/grading": t_grade,
               "perf/rollout_tokens_per_s": tot[6].item() / max(all_reduce(t_gen, "max").item(), 1e-9)}

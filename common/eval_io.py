@@ -13,7 +13,7 @@ Results in --out
     clean_json(value), dump(obj, path)   JSON without NaN (-> null) or "_private" keys, written atomically
     write_markdown(out)                  results.md, rebuilt from every results/*.json, arms__, compare__ and
                                          displacement__*.json and plots/*.png in out (fmt, accuracy_table)
-    plot_runs(runs, curves, dir), plot_comparison(res, stem)   PNGs, matplotlib on the Agg backend
+    plot_comparison(res, stem)           PNGs, matplotlib on the Agg backend (run curves: common/curves.py)
 
 Why here and not in evaluate.py: none of it decides what is measured; it is storage, formatting and drawing that
 STYLE.md keeps out of the stage scripts (so evaluate.py reads as its analyses), and the cache and weight readers are
@@ -239,29 +239,6 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def plot_runs(runs: list[tuple[str, str]], curves: dict[str, tuple[str, ...]], plot_dir: str) -> list[str]:
-    """One PNG per curve name, runs_<name>.png: every run's metrics.jsonl keys of that curve against step
-    (solid the first key, dashed the second), non-finite values skipped."""
-    plt, files = pyplot(), []
-    data = [(label, read_metrics(d)) for label, d in runs]
-    for name, keys in curves.items():
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for i, (label, rows) in enumerate(data):
-            for j, key in enumerate(keys):
-                pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-                if pts:
-                    ax.plot(*zip(*pts), color=f"C{i}", linestyle=("-", "--")[j], label=f"{label}: {key}")
-        ax.set_xlabel("step")
-        ax.set_ylabel(name.replace("_", " "))
-        if ax.lines:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        files.append(os.path.join(plot_dir, f"runs_{name}.png"))
-        fig.savefig(files[-1], dpi=120)
-        plt.close(fig)
-    return files
 
 
 def plot_comparison(res: dict, stem: str) -> list[str]:

@@ -14,8 +14,9 @@ Two engines behind one interface (`make_engine(kind, ...)`, kind = auto | vllm |
   for machines without vLLM and for very small models, where it is faster on CPU.
 
 Both stop on every id in `stop_token_ids` (Qwen3-Base ends with <|endoftext|>, chat turns with <|im_end|>;
-both must stop a rollout), take one seed per prompt, keep the stop token in `response_ids` (the policy must learn to stop), and
-report log-probs of the sampled tokens as log softmax(logits / T): the distribution actually sampled from.
+both must stop a rollout), take one seed per prompt (a prompt's samples do not depend on the rest of the batch),
+keep the stop token in `response_ids` (the policy must learn to stop), and report log-probs of the sampled
+tokens as log softmax(logits / T): the distribution actually sampled from.
 """
 import dataclasses
 import glob
@@ -23,7 +24,7 @@ import os
 
 import torch
 
-from common.dist import DistInfo, full_params, unwrap
+from common.dist import DistInfo, derive_seed, full_params, unwrap
 
 
 @dataclasses.dataclass
@@ -115,8 +116,12 @@ class HFEngine:
             for r, (_, ids) in enumerate(chunk):             # left padding: generation continues on the right
                 input_ids[r, width - len(ids):] = torch.tensor(ids)
                 attn[r, width - len(ids):] = 1
-            torch.manual_seed(seeds[chunk[0][0]])          # one RNG stream per batch, from its first prompt
-            law = _SampledLogprobs(temperature, top_p)      # temperature and top-p are applied there, not by generate
+            # one RNG stream per sampled row, from its prompt's seed and its index among the prompt's n samples:
+            # a prompt's samples depend neither on the batch size nor on what else is in the batch (as vLLM's),
+            # up to the rounding of a differently padded batch's logits, which flips a draw only at a near-tie
+            keys = torch.tensor([derive_seed(seeds[i], j % n) % 2**63 for j, (i, _) in enumerate(chunk, start=b)],
+                                device=self.info.device)
+            law = _SampledLogprobs(temperature, top_p, keys)   # T, top-p and the draw happen there, not in generate
             res = lm.generate(input_ids=input_ids.to(self.info.device), attention_mask=attn.to(self.info.device),
                               do_sample=True, logits_processor=[law], **_PLAIN_SAMPLING,
                               max_new_tokens=max_tokens, eos_token_id=self.stop_ids, pad_token_id=tok.pad_token_id,
@@ -151,14 +156,35 @@ _PLAIN_SAMPLING = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=None, typical_
                        min_length=0, watermarking_config=None)
 
 
+# splitmix64's finaliser on int64 tensors: multiplications wrap modulo 2^64, shifts are made logical by masking
+_MIX = [c - (1 << 64) if c >= 1 << 63 else c for c in (0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15)]
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _MIX[0]
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _MIX[1]
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+def row_uniforms(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """[rows, vocab] float64 uniforms in (0, 1), a pure function of (row key, step, token id): counter-based,
+    so a row's draws depend on nothing else in the batch, and one vectorised hash replaces a generator per row."""
+    counter = _mix64((step * vocab + torch.arange(vocab, device=keys.device)) * _MIX[2])
+    z = _mix64(keys[:, None] + counter[None, :])
+    return (((z >> 11) & ((1 << 53) - 1)).double() + 0.5) / 2.0 ** 53
+
+
 class _SampledLogprobs:
     """The last logits processor before HF's sampler (generate gets temperature 1 and no top-p, so none of its
-    own warpers follow): applies temperature and top-p, and keeps only the log-prob of each sampled token, read
-    at the next step from that step's input_ids. generate's own `output_scores` would keep a [rows, vocab]
-    tensor per step instead (at 256 rows x 151,936 that is 155 MB per generated token)."""
+    own warpers follow): applies temperature and top-p, keeps only the log-prob of each sampled token, read
+    at the next step from that step's input_ids (generate's own `output_scores` would keep a [rows, vocab]
+    tensor per step instead: at 256 rows x 151,936 that is 155 MB per generated token), and draws the token
+    itself, each row from its own counter-based random stream (row_uniforms of the row's key): the exponential
+    race argmax_v log p_v - log E_v, E_v = -log U_v ~ Exp(1), is an exact draw from p; the returned scores are 0
+    at the drawn token and -inf elsewhere, so HF's sampler can only pick it."""
 
-    def __init__(self, temperature: float, top_p: float):
-        self.temperature, self.top_p, self.prev, self.picked = temperature, top_p, None, []
+    def __init__(self, temperature: float, top_p: float, keys: torch.Tensor):
+        self.temperature, self.top_p, self.keys, self.prev, self.picked = temperature, top_p, keys, None, []
 
     def __call__(self, input_ids, scores):
         if self.prev is not None:
@@ -170,7 +196,9 @@ class _SampledLogprobs:
             top = top.masked_fill(probs.cumsum(-1) - probs > self.top_p, float("-inf"))
             scores = torch.empty_like(scores).scatter_(1, order, top)
         self.prev = torch.log_softmax(scores, -1)
-        return scores
+        race = -torch.log(-torch.log(row_uniforms(self.keys, len(self.picked), scores.shape[1]))).float()
+        drawn = (self.prev + race).argmax(-1, keepdim=True)
+        return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
 
     def finish(self, last_tokens):
         self.picked.append(self.prev.gather(1, last_tokens[:, None])[:, 0])

@@ -31,6 +31,31 @@ def test_results_list_every_arm_and_the_demo_says_where(demo):
     assert glob.glob(os.path.join(out, "eval", "plots", "*.png"))
 
 
+def test_results_report_the_regime_and_link_the_summary_figure(demo):
+    """Stage 1's three numbers against their targets (the issue-13 regime), read from the outputs; the summary figure
+    exists and is linked; the collapse trained on the two-operand split and nothing else."""
+    import re
+    out, _ = demo
+    text = open(os.path.join(out, "results.md")).read()
+    regime = text.split("## 1. The collapse")[1].split("## 2. The arms")[0]
+    for row in ("token entropy at T=1, training problems", "uniform groups", "held-out pass@4"):
+        line = next(line for line in regime.splitlines() if line.startswith(f"| {row}"))
+        assert re.search(r"\*\*(yes|no)\*\*", line) and "n/a" not in line, line
+    assert "](eval/plots/runs_summary.png)" in text
+    png = open(os.path.join(out, "eval", "plots", "runs_summary.png"), "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20000
+    train = os.path.join(out, "data", "train_easy.jsonl")
+    rows = [json.loads(line) for line in open(train)]
+    operands = [re.fullmatch(r"(\d+)[+-](\d+)", re.search(r"What is (.*)\?", r["prompt"][0]["content"]).group(1))
+                for r in rows]
+    assert len(rows) == 435 and all(m and max(int(m[1]), int(m[2])) <= 20 for m in operands)
+    for run in ("collapse", "plain_s0", "reheat_s0"):
+        cfg = json.load(open(os.path.join(out, "runs", run, "config.json")))
+        assert cfg["data"] == train
+    res = json.load(open(glob.glob(os.path.join(out, "eval_train", "results", "collapsed__*.json"))[0]))
+    assert res["macro"]["ent_t1"] > 0
+
+
 def test_reheating_raises_entropy_above_the_collapsed_policy(demo):
     out, _ = demo
     [path] = glob.glob(os.path.join(out, "eval", "compare__*.json"))

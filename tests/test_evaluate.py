@@ -331,16 +331,53 @@ def test_vllm_engine_end_to_end(tiny, tmp_path):
 
 # ----------------------------------------------------------------------------- runs and bad input
 
+def test_own_sample_entropy_matches_a_float64_reference(tiny, tmp_path):
+    """ent_t1 (--entropy-samples N): the mean T=1 entropy over the response tokens of each checkpoint's own first
+    N samples per problem, equal to a float64 forward of every sequence alone; the entropy-scaled closed form
+    (tau 2) has a higher one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from common.data import render_prompt
+    from common.eval_io import read_cache
+    from reheat_tsopsd import closed_form_reheat
+    hot = closed_form_reheat(tiny["model"], 2.0, str(tmp_path / "hot"))
+    out = tmp_path / "out"
+    run(out, "--ckpt", f"base={tiny['model']}", f"hot={hot}", "--benchmarks", f"test={tiny['test']}",
+        "--max-problems", "4", "--k", "3", "--max-tokens", "12", "--entropy-samples", "2")
+    problems = load_problems(tiny["test"], limit=4)
+    got = {}
+    for label, path in (("base", tiny["model"]), ("hot", hot)):
+        [res] = [load(p) for p in (out / "results").glob(f"{label}__*.json")]
+        got[label] = res["benchmarks"]["test"]["ent_t1"]
+        assert res["macro"]["ent_t1"] == got[label]
+        [cache] = (out / "generations" / label).glob("test__*_ids.jsonl")     # the ids are cached for it
+        rows = read_cache(str(cache))
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+        tok = AutoTokenizer.from_pretrained(path)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for p in problems:
+                prompt = tok(render_prompt(p, tok, "plain"), add_special_tokens=False).input_ids
+                for smp in rows[p.id]["samples"][:2]:
+                    z = lm(torch.tensor([prompt + smp["ids"]])).logits[0, len(prompt) - 1:-1]
+                    lp = torch.log_softmax(z, -1)
+                    total += float(-(lp.exp() * lp).sum())
+                    count += len(smp["ids"])
+        assert got[label] == pytest.approx(total / count, rel=1e-5)
+    assert got["hot"] > got["base"] > 0
+    assert "ent_t1" in (out / "results.md").read_text()
+
+
 def test_run_curves_are_plotted(tmp_path):
     rl, reheat = tmp_path / "rl_dapo__0__x", tmp_path / "reheat"
-    for d, keys in ((rl, ("train/entropy_t1", "rollout/accuracy", "val/accuracy", "rollout/response_len_mean")),
+    for d, keys in ((rl, ("train/entropy_t1", "rollout/entropy_est", "rollout/uniform_frac", "rollout/accuracy",
+                          "val/accuracy", "rollout/response_len_mean")),
                     (reheat, ("reheat/student_entropy", "rollout/accuracy", "rollout/response_len_mean"))):
         d.mkdir()
         write_jsonl(d / "metrics.jsonl", [{"step": s, **{k: 1 / s + 0.01 * i for i, k in enumerate(keys)}}
                                           for s in range(1, 11)] + [{"step": 11, "val/accuracy": "nan"}])
     out = tmp_path / "out"
     evaluate.main(["--runs", str(rl), f"reheat={reheat}", "--out", str(out)])
-    for name in ("entropy", "accuracy", "response_len"):
+    for name in ("entropy", "entropy_trained", "accuracy", "uniform_groups", "response_len", "summary"):
         png = (out / "plots" / f"runs_{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "runs_entropy.png" in (out / "results.md").read_text()

@@ -212,6 +212,7 @@ def test_pack_sequences_masks_exactly_the_response_predictions():
 STEP_METRICS = ["train/lr", "rollout/accuracy", "rollout/reward_mean", "rollout/response_len_mean",
                 "rollout/response_len_max", "rollout/clipped_frac", "rollout/distinct_answers", "rollout/groups_seen",
                 "rollout/groups_kept", "rollout/groups_filtered", "rollout/groups_used", "rollout/gen_batches",
+                "rollout/groups_all_right", "rollout/groups_all_wrong", "rollout/uniform_frac", "rollout/entropy_est",
                 "time/rollout", "time/grading", "perf/rollout_tokens_per_s", "train/pg_loss", "train/clip_frac_upper",
                 "train/clip_frac_lower", "train/clip_frac_dual", "train/approx_kl", "train/entropy",
                 "train/entropy_t1", "train/grad_norm", "train/updates", "train/updates_skipped", "train/tokens",
@@ -242,6 +243,9 @@ def check_run(run_dir, steps, prompts_per_step=4):
         assert r["rollout/reward_mean"] == pytest.approx(2 * r["rollout/accuracy"] - 1)
         assert r["rollout/groups_used"] == prompts_per_step         # the tests below rely on full batches
         assert r["rollout/groups_kept"] + r["rollout/groups_filtered"] == r["rollout/groups_seen"]
+        assert r["rollout/groups_all_right"] + r["rollout/groups_all_wrong"] == r["rollout/groups_filtered"]
+        assert r["rollout/uniform_frac"] == pytest.approx(r["rollout/groups_filtered"] / r["rollout/groups_seen"])
+        assert r["rollout/entropy_est"] > 0
         assert r["train/updates"] == 2 and r["train/updates_skipped"] == 0
         assert r["train/tokens"] >= 4 * 4                           # every response has at least one token
         assert r["train/entropy"] > 0 and r["train/grad_norm"] > 0
@@ -510,3 +514,38 @@ def test_entropy_is_the_sampling_policys_and_only_whole_mini_batches_train(hf_ru
     assert r["rollout/gen_batches"] == 1
     assert r["rollout/groups_used"] == min(r["rollout/groups_kept"], 4) // 2 * 2
     assert r.get("train/updates", 0) == r["rollout/groups_used"] // 2
+
+
+
+def _entropy(z: torch.Tensor) -> torch.Tensor:
+    lp = torch.log_softmax(z.double(), -1)
+    return -(lp.exp() * lp).sum(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_entropy_est_is_the_entropy_of_the_law_sampled_from(temperature):
+    """rollout/entropy_est = mean -log p(sampled token) over every sampled token: E[-log p(x)] under x ~ p is
+    H(p), so over many tokens it matches the exact full-vocabulary entropy of softmax(z / T) at the same
+    positions (float64 reference); at T=1.5 it is clearly not the entropy at T=1."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from common.dist import DistInfo
+    from common.rollout import HFEngine
+    model_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny_math", "model")
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    engine = HFEngine(lm, tok, DistInfo(), batch_size=256)
+    prompts = [f"What is {a}+{b}-{c}?" for a, b, c in [(3, 14, 5), (22, 7, 9), (11, 4, 18), (27, 19, 6)]]
+    groups = engine.generate(prompts, n=64, temperature=temperature, max_tokens=32, seeds=[1, 2, 3, 4])
+    nll, ent_t, ent_1, count = 0.0, 0.0, 0.0, 0
+    with torch.no_grad():
+        for s in (s for g in groups for s in g):
+            z = lm(torch.tensor([s.prompt_ids + s.response_ids])).logits[0, len(s.prompt_ids) - 1:-1]
+            ent_t += _entropy(z / temperature).sum().item()       # the states that predict each response token
+            ent_1 += _entropy(z).sum().item()
+            nll -= sum(s.logprobs)
+            count += len(s.response_ids)
+    est, exact = nll / count, ent_t / count
+    assert count > 2000
+    assert est == pytest.approx(exact, rel=0.1), (est, exact)
+    if temperature != 1.0:
+        assert abs(est - ent_1 / count) > 0.3 * exact, (est, ent_1 / count)

@@ -1,5 +1,6 @@
 """Rollout engines: shapes of the output, stop tokens, and the log-probs they report vs the trainer's."""
 import math
+import os
 
 import pytest
 import torch
@@ -72,6 +73,35 @@ def test_hf_engine_logprobs_match_trainer(tiny, temperature, top_p, monkeypatch)
             torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64), ref, atol=1e-4, rtol=0)
     again = engine.generate(PROMPTS, n=3, temperature=temperature, top_p=top_p, max_tokens=16, seeds=[1, 2])
     assert [[s.response_ids for s in g] for g in again] == [[s.response_ids for s in g] for g in groups]
+
+
+def test_hf_engine_samples_depend_on_the_prompt_seed_only_and_follow_the_law(tiny):
+    """Each sampled row has its own random stream (prompt seed, sample index): a prompt's samples are the same
+    alone or batched with others, at any batch size (what evaluate.py's rank independence needs); and the
+    exponential-race draw is the softmax(z / T) law: first-token frequencies of 4000 samples within 0.03 total
+    variation of the float64 probabilities."""
+    tok = AutoTokenizer.from_pretrained(tiny["model"])
+    lm = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    small, big = (HFEngine(lm, tok, DistInfo(), batch_size=b) for b in (4, 64))
+    kw = dict(n=6, temperature=1.3, max_tokens=12)
+    both = small.generate(PROMPTS, seeds=[7, 8], **kw)
+    alone = big.generate(PROMPTS[1:], seeds=[8], **kw)
+    assert [s.response_ids for s in both[1]] == [s.response_ids for s in alone[0]]
+    assert [s.response_ids for s in both[0]] != [s.response_ids for s in both[1]]
+    # the law, on the shipped tiny math model (peaked, so 4000 draws pin it down): "What is 12+19?" -> "12+19 = 31"
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny_math", "model")
+    tok, lm = AutoTokenizer.from_pretrained(shipped), AutoModelForCausalLM.from_pretrained(shipped)
+    prompt = "What is 12+19?\n12+19 = "
+    draws = HFEngine(lm, tok, DistInfo(), batch_size=1000).generate([prompt], n=4000, temperature=1.3, max_tokens=1,
+                                                                    seeds=[3])[0]
+    ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        z = lm(ids).logits[0, -1].double()
+    freq = torch.bincount(torch.tensor([s.response_ids[0] for s in draws]), minlength=z.numel()).double() / 4000
+    tv = lambda p: 0.5 * float((freq - p).abs().sum())   # noqa: E731
+    assert tv(torch.softmax(z / 1.3, -1)) < 0.03, tv(torch.softmax(z / 1.3, -1))
+    assert tv(torch.softmax(z, -1)) > 2 * tv(torch.softmax(z / 1.3, -1))   # and not the T=1 law
+    assert (freq > 0).sum() > 1
 
 
 @pytest.mark.parametrize("which", ["tiny", "tiny_untied"])
