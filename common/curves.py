@@ -176,8 +176,9 @@ def plot_summary(runs: list[tuple[str, str]], panels: dict[str, tuple[str, ...]]
             if col == 1:                       # the branches, magnified; y limits from what is visible there
                 lo = branch_steps[0] - max((end - branch_steps[0]) // 3, 2)
                 ax.set_xlim(lo, end + 1)
-                ys = [y for line in ax.get_lines() if line.get_gid() != "branch"
-                      for x, y in zip(line.get_xdata(), line.get_ydata()) if x >= lo and (y > 0 or name not in log_y)]
+                points = [xy for line in ax.get_lines() if line.get_gid() != "branch" for xy in line.get_xydata()]
+                points += [xy for band in ax.collections for path in band.get_paths() for xy in path.vertices]
+                ys = [y for x, y in points if x >= lo and (y > 0 or name not in log_y)]
                 if ys and name not in log_y:
                     pad = 0.05 * (max(ys) - min(ys) or 1)
                     ax.set_ylim(min(ys) - pad, max(ys) + pad)
