@@ -216,7 +216,8 @@ def main(argv=None):
     eval_dir, eval_train = os.path.join(out, "eval"), os.path.join(out, "eval_train")
     sampling = ["--k", str(args.eval_k), "--prompt-style", "plain", "--max-tokens", str(args.max_response_len),
                 "--temperature", "1.0", "--rollout-engine", args.engine, "--entropy-samples", str(args.eval_k),
-                "--hf-batch-size", "256", "--grade-workers", "0"] + (["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else [])
+                "--hf-batch-size", "256", "--grade-workers", "0"]
+    sampling += ["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else []
     run([py, "evaluate.py", "--ckpt", *[f"{k}={v}" for k, v in ckpts.items()],
          "--arms", *[f"{arm}={','.join(paths)}" for arm, paths in arms.items()],
          "--compare", f"collapsed={collapsed}", f"reheated={reheated[0]}",
