@@ -22,8 +22,8 @@ that was supervised on noisy worked arithmetic (assets/tiny_math: `python -m com
   4. results    OUT/results.md: the regime reached (the three numbers of the collapse, with their targets),
                 the arms' table and tests, every number read from the runs' own outputs; plots in OUT/eval/plots
 
-    python demo.py                      # ~8.5 minutes on 2 CPU cores, 1 seed
-    python demo.py --seeds 3            # three seeds per arm: mean and 95% CI, seed-aware tests in results.md
+    python demo.py                      # ~9 minutes on 2 CPU cores, 1 seed
+    python demo.py --seeds 3            # three seeds per arm (~16 minutes): mean and 95% CI, seed-aware tests
     python demo.py --quick              # a few steps of everything (what CI runs)
 
 Learning rates are 50-150x the paper's 2e-6: the tiny model needs them to move in hundreds of steps. What a toy
