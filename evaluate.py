@@ -358,6 +358,19 @@ def release():
 
 # ----------------------------------------------------------------------------- the comparison
 
+def consecutive_rows(seqs: list[tuple], budget: int) -> list[list[tuple]]:
+    """(prompt ids, response ids, ...) tuples -> the padding-free packed rows of consecutive sequences, at most
+    `budget` tokens each (a longer sequence alone), in order."""
+    parts, size = [], budget
+    for seq in seqs:
+        if size + len(seq[0]) + len(seq[1]) > budget:
+            parts.append([])
+            size = 0
+        parts[-1].append(seq)
+        size += len(seq[0]) + len(seq[1])
+    return parts
+
+
 @torch.no_grad()
 def score_sequences(path: str, seqs: list[tuple[list[int], list[int], np.ndarray]], a: Args, device) -> dict:
     """One model's view of fixed sequences (prompt ids, response ids, the response positions to keep): each
@@ -376,16 +389,7 @@ def score_sequences(path: str, seqs: list[tuple[list[int], list[int], np.ndarray
         i, out[0] if isinstance(out, tuple) else out)) for i, m in enumerate(modules)]
     hidden = [[] for _ in modules]
     final = []
-    # padding-free packed rows of consecutive sequences, at most --micro-batch-tokens tokens each (a longer one
-    # alone), so the kept rows stay in (sequence, position) order
-    parts, size = [], a.micro_batch_tokens
-    for seq in seqs:
-        if size + len(seq[0]) + len(seq[1]) > a.micro_batch_tokens:
-            parts.append([])
-            size = 0
-        parts[-1].append(seq)
-        size += len(seq[0]) + len(seq[1])
-    for part in parts:
+    for part in consecutive_rows(seqs, a.micro_batch_tokens):     # kept rows stay in (sequence, position) order
         ids, pos, _, _ = pack_padding_free([(p, r) for p, r, _ in part], device)
         keep, offset = torch.zeros_like(ids, dtype=torch.bool), 0
         for p, r, picks in part:
@@ -406,29 +410,28 @@ def score_sequences(path: str, seqs: list[tuple[list[int], list[int], np.ndarray
 
 
 @torch.no_grad()
-def own_entropy(path: str, problems, rows: list[dict], a: Args, device) -> float:
-    """ent_t1: mean next-token entropy at T=1 (nats) of the model at `path` over the response tokens of its own
-    first --entropy-samples samples per problem (every response token weighs the same), in float32, packed."""
+def own_entropy(path: str, benches: dict[str, tuple[list, list[dict]]], a: Args, device) -> dict[str, float]:
+    """ent_t1 per benchmark ({bench: (problems, cache rows)}, one model load): mean next-token entropy at T=1
+    (nats) of the model at `path` over the response tokens of its own first --entropy-samples samples per
+    problem (every response token weighs the same), in float32, packed."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
-    seqs = [(tok(render_prompt(p, tok, a.prompt_style), add_special_tokens=False).input_ids, s["ids"])
-            for p, r in zip(problems, rows) for s in r["samples"][:a.entropy_samples] if s["ids"]]
     lm = hf_model(path, device, torch.float32)
     weight = lm.get_output_embeddings().weight.detach().float()
-    total, count, part, size = 0.0, 0, [], 0
-    for i, seq in enumerate(seqs):
-        part.append(seq)
-        size += len(seq[0]) + len(seq[1])
-        if i + 1 < len(seqs) and size + len(seqs[i + 1][0]) + len(seqs[i + 1][1]) <= a.micro_batch_tokens:
-            continue
-        ids, pos, pred, _ = pack_padding_free(part, device)
-        h = lm.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[pred].float()
-        total += float(entropy_from_hidden(h, weight, 1.0, chunk_size=a.chunk_size, compiled=False).double().sum())
-        count += h.shape[0]
-        part, size = [], 0
+    out = {}
+    for bench, (problems, rows) in benches.items():
+        seqs = [(tok(render_prompt(p, tok, a.prompt_style), add_special_tokens=False).input_ids, s["ids"])
+                for p, r in zip(problems, rows) for s in r["samples"][:a.entropy_samples] if s["ids"]]
+        total, count = 0.0, 0
+        for part in consecutive_rows(seqs, a.micro_batch_tokens):
+            ids, pos, pred, _ = pack_padding_free(part, device)
+            h = lm.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[pred].float()
+            total += float(entropy_from_hidden(h, weight, 1.0, chunk_size=a.chunk_size, compiled=False).double().sum())
+            count += h.shape[0]
+        out[bench] = total / count if count else math.nan
     del lm
     release()
-    return total / count if count else math.nan
+    return out
 
 
 def diversity(groups: list[list[dict]]) -> dict:
@@ -578,8 +581,8 @@ def main(argv=None):
         return os.path.join(out, "generations", c.label, f"{bench}__{settings_tag(args, n, with_ids)}.jsonl")
 
     generated, jobs = {}, {}                    # jobs: label -> [(benchmark, problems, n, with_ids)]
+    own_ids = args.entropy_samples > 0          # ent_t1 scores the cached response ids
     for c in by_path.values():
-        own_ids = args.entropy_samples > 0              # ent_t1 scores the cached response ids
         jobs[c.label] = [(b, ps, args.k, own_ids) for b, ps in problems.items()] if c in accuracy else []
         if c in compare:
             for b in dict.fromkeys(b for b, _ in compare_problems):
@@ -664,14 +667,16 @@ def main(argv=None):
     results = {}
     tag = settings_tag(args, args.k)
     for c in accuracy:
-        per_bench, per_problem = {}, {}
+        per_bench, per_problem, rows_of = {}, {}, {}
         for bench, ps in problems.items():
-            cached = read_cache(cache_file(c, bench, args.k, args.entropy_samples > 0))
-            rows = [cached[p.id] for p in ps]
+            cached = read_cache(cache_file(c, bench, args.k, own_ids))
+            rows = rows_of[bench] = [cached[p.id] for p in ps]
             per_bench[bench] = summarize_benchmark(rows, args.k)
-            if args.entropy_samples:
-                per_bench[bench]["ent_t1"] = own_entropy(c.path, ps, rows, args, info.device)
             per_problem[bench] = {r["id"]: float(np.mean([s["correct"] for s in r["samples"]])) for r in rows}
+        if args.entropy_samples:
+            for bench, ent in own_entropy(c.path, {b: (problems[b], rows_of[b]) for b in problems}, args,
+                                          info.device).items():
+                per_bench[bench]["ent_t1"] = ent
         macro = {key: float(np.mean([m[key] for m in per_bench.values()])) for key in next(iter(per_bench.values()))
                  if key not in ("n_problems", "k")} | {"n_problems": sum(m["n_problems"] for m in per_bench.values()),
                                                       "k": args.k}

@@ -88,10 +88,10 @@ def _series(rows: list[dict], key: str, offset: int) -> dict[int, float]:
 
 
 def _draw(ax, per_seed: list[dict[int, float]], color, label, linestyle="-"):
-    """One group's curve in one axis (see the module docstring); False if it has no points."""
+    """One group's curve in one axis (see the module docstring); nothing if it has no points."""
     steps = sorted(set().union(*per_seed))
     if not steps:
-        return False
+        return
     mean = [sum(s[t] for s in per_seed if t in s) / sum(t in s for s in per_seed) for t in steps]
     if len(steps) < 12:
         ax.plot(steps, mean, color=color, linestyle=linestyle, marker="o", markersize=3, label=label)
@@ -99,7 +99,7 @@ def _draw(ax, per_seed: list[dict[int, float]], color, label, linestyle="-"):
             lo = [min(s[t] for s in per_seed if t in s) for t in steps]
             hi = [max(s[t] for s in per_seed if t in s) for t in steps]
             ax.fill_between(steps, lo, hi, color=color, alpha=0.15, linewidth=0)
-        return True
+        return
     ax.plot(steps, mean, color=color, alpha=0.2, linewidth=0.7, linestyle=linestyle)
     ax.plot(steps, smooth(mean), color=color, linewidth=1.6, linestyle=linestyle, label=label)
     if len(per_seed) > 1:
@@ -107,7 +107,6 @@ def _draw(ax, per_seed: list[dict[int, float]], color, label, linestyle="-"):
         lo = [min(s[t] for s in sm if t in s) for t in steps]
         hi = [max(s[t] for s in sm if t in s) for t in steps]
         ax.fill_between(steps, lo, hi, color=color, alpha=0.15, linewidth=0)
-    return True
 
 
 def _panel(ax, data, offsets, groups, keys, colors, branch_steps, first_only=False):
@@ -115,13 +114,13 @@ def _panel(ax, data, offsets, groups, keys, colors, branch_steps, first_only=Fal
     for g, labels in groups.items():
         for j, key in enumerate(keys):
             per_seed = [_series(data[label], key, offsets[label]) for label in labels]
+            name = g + (f" ({len(labels)} seeds)" if len(labels) > 1 else "")
             if first_only:
-                if not any(per_seed):
-                    continue
-                _draw(ax, per_seed, colors[g], g + (f" ({len(labels)} seeds)" if len(labels) > 1 else ""))
-                break
-            n = f" ({len(labels)} seeds)" if len(labels) > 1 else ""
-            _draw(ax, per_seed, colors[g], f"{g}{n}" + (f": {key}" if len(keys) > 1 else ""), ("-", "--")[j % 2])
+                if any(per_seed):
+                    _draw(ax, per_seed, colors[g], name)
+                    break
+                continue
+            _draw(ax, per_seed, colors[g], name + (f": {key}" if len(keys) > 1 else ""), ("-", "--")[j % 2])
     for x in branch_steps:
         ax.axvline(x, color="0.5", linewidth=0.8, linestyle=":", gid="branch")
 
@@ -163,7 +162,7 @@ def plot_summary(runs: list[tuple[str, str]], panels: dict[str, tuple[str, ...]]
     from common.eval_io import pyplot
     plt = pyplot()
     data, offsets, groups, colors, branch_steps = _setup(runs)
-    end = max(offsets[label] + max((r["step"] for r in data[label]), default=0) for label, _ in runs)
+    end = max(offsets[label] + _steps(data[label]) for label, _ in runs)
     cols = 2 if branch_steps else 1
     fig, axes = plt.subplots(len(panels), cols, figsize=(6.2 * cols, 3.0 * len(panels)), squeeze=False)
     for row, (name, keys) in enumerate(panels.items()):
