@@ -42,13 +42,15 @@ import torch
 from tqdm import tqdm
 
 from common.batching import default_micro_batch_tokens, pack_padding_free, plan_micro_batches
-from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
+from common.checkpoint import (check_disk_space, latest_checkpoint, load_checkpoint, save_checkpoint, save_hf,
+                               stored_dtype)
 from common.cli import arg, check_context_length, parse_args, with_resumed_config
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
 from common.dist import (all_reduce, check_sharding, cleanup_distributed, derive_seed, full_params, init_distributed,
                          print0, resolve_model_path, seed_everything, unwrap, use_bf16)
 from common.grading import extract_answer, grade_batch, truncated_is_wrong
-from common.loading import load_sharded
+from common.loading import frozen_copy, load_sharded, param_count
+from common.preflight import materialize_optimizer_state, oom_hint, preflight, preflight_sequences
 from common.losses import DIVERGENCES, fused_linear_kl
 from common.rollout import make_engine
 from common.runlog import MetricsLogger, make_run_dir
@@ -79,7 +81,9 @@ class Args:
     prompts_per_step: int = arg(64, "prompts per step (all ranks together)", group="data and rollout")
     max_response_len: int = arg(8192, "max tokens per response", group="data and rollout")
     rollout_engine: str = arg("auto", "vllm, hf, or auto", group="data and rollout", choices=("auto", "vllm", "hf"))
-    vllm_gpu_memory: float = arg(0.4, "fraction of GPU memory for vLLM", group="data and rollout")
+    vllm_gpu_memory: float | None = arg(None, "fraction of the GPU's total memory for vLLM (default: all that is free "
+                                        "with the training state resident, less 2 GiB; README.md#memory-plan)",
+                                        group="data and rollout")
     vllm_kv_cache_gib: float | None = arg(None, "KV cache size in GiB (overrides --vllm-gpu-memory)", group="data and rollout")
     vllm_tp: int = arg(1, "vLLM tensor parallel size", group="data and rollout")
     vllm_sleep: bool = arg(True, "free vLLM's GPU memory during training (CUDA only)", group="data and rollout")
@@ -104,6 +108,9 @@ class Args:
     activation_checkpointing: bool | None = arg(None, "recompute decoder activations in backward (default: on for CUDA, "
                                                 "off on CPU; bench/estimate_memory.py shows the paper's 20k-token "
                                                 "responses need it on 80 GB)", group="systems")
+    preflight: bool | None = arg(None, "before vLLM starts: one forward/backward (teacher and student) of a full "
+                                 "--micro-batch-tokens micro-batch, its peak memory printed and an OOM reported in the "
+                                 "first minute (default: on for CUDA; common/preflight.py)", group="systems")
     seed: int = arg(0, "seed", group="systems")
     out: str = arg("runs", "root of run directories; with --closed-form, the output checkpoint directory", group="run")
     run_name: str = arg("", "run directory name (default: reheat_tsopsd__<seed>__<time>)", group="run")
@@ -183,15 +190,18 @@ def main(argv=None):
     run_dir = make_run_dir(os.path.dirname(os.path.normpath(args.resume)) if args.resume else args.out, "reheat_tsopsd",
                            config, rank=info.rank)
     print0(f"[reheat_tsopsd] run directory: {run_dir}")
+    # checkpoints: fp32 resume state (DCP) + the HF export in the dtype the model came in (bf16 for Qwen3)
+    export_dtype = stored_dtype(ckpt)
+    check_disk_space(run_dir, param_count(ckpt), export_dtype, args.keep_last)   # before any weights load
 
     # ------------------------------------------------------------------------- models: student and teacher
-    # each built on the meta device, sharded, then filled from rank 0's read of the checkpoint (common/loading.py)
+    # the student built on the meta device, sharded, then filled from rank 0's read of the checkpoint
+    # (common/loading.py); the teacher a frozen copy of its shards, made before a resume moves the student
     student = load_sharded(ckpt, info, args.sharding, bf16=args.bf16, activation_checkpointing=args.activation_checkpointing)
     teacher, teacher_weight = None, None
     if args.teacher == "frozen":
-        # theta_0, sharded like the student, no gradients. Its lm_head never changes, so it is gathered once.
-        teacher = load_sharded(ckpt, info, args.sharding, bf16=args.bf16, requires_grad=False)
-        teacher.eval()
+        # theta_0, sharded like the student, no gradients, eval mode. Its lm_head never changes: gathered once.
+        teacher = frozen_copy(student, info, args.sharding, bf16=args.bf16)
         head_name = "model.embed_tokens.weight" if unwrap(teacher).config.tie_word_embeddings else "lm_head.weight"
         compute_dtype = torch.bfloat16 if use_bf16(info, args.bf16) else torch.float32      # cast once, then gathered
         teacher_weight = next(t for name, t in full_params(teacher, dtype=compute_dtype, names={head_name})).to(info.device)
@@ -204,17 +214,6 @@ def main(argv=None):
                            tensorboard=args.tensorboard)
     if args.resume:
         logger.truncate_after(start_step)
-
-    # ------------------------------------------------------------------------- rollout engine
-    engine = make_engine(args.rollout_engine, model=student, model_path=ckpt, tokenizer=tokenizer, info=info,
-                         max_model_len=min(max_prompt + args.max_response_len + 8, max_positions or 1 << 30), seed=args.seed,
-                         hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
-                         vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp, vllm_sleep=args.vllm_sleep)
-    torch.set_float32_matmul_precision("high")         # TF32 for fp32 matmuls; after vLLM, which resets it
-    if args.resume:
-        engine.sync_weights(student)
-    print0(f"[reheat_tsopsd] tau={args.tau} teacher={args.teacher} divergence={args.divergence} engine={engine.name} "
-           f"world={info.world_size} problems={len(problems)}")
 
     # ------------------------------------------------------------------------- loss: the self-distillation head
     def teacher_hidden(ids, pos, pred):
@@ -235,6 +234,32 @@ def main(argv=None):
                                    chunk_size=args.chunk_size, compiled=args.compile, return_stats=True,
                                    loss_scale=scale)
         return head
+
+    # ------------------------------------------------------------------------- preflight (common/preflight.py)
+    # AdamW's moments now, so vLLM's memory check sees them; one update of the largest micro-batch a run meets
+    materialize_optimizer_state(optimizer)
+    longest = min(max_prompt + args.max_response_len, max_positions or 1 << 30)     # a longer one runs alone
+
+    def preflight_step():
+        ids, pos, pred, _ = pack_padding_free(preflight_sequences(max(args.micro_batch_tokens, longest), longest),
+                                              info.device)
+        t_h = teacher_hidden(ids, pos, pred) if teacher is not None else None
+        student(ids, position_ids=pos, head=kl_head(pred, t_h, 1.0))[0].backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    preflight(preflight_step, max(args.micro_batch_tokens, longest), info, enabled=args.preflight,
+              name="reheat_tsopsd", hint=oom_hint(args.micro_batch_tokens, longest, args.activation_checkpointing, info))
+
+    # ------------------------------------------------------------------------- rollout engine
+    engine = make_engine(args.rollout_engine, model=student, model_path=ckpt, tokenizer=tokenizer, info=info,
+                         max_model_len=min(max_prompt + args.max_response_len + 8, max_positions or 1 << 30), seed=args.seed,
+                         hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
+                         vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp, vllm_sleep=args.vllm_sleep)
+    torch.set_float32_matmul_precision("high")         # TF32 for fp32 matmuls; after vLLM, which resets it
+    if args.resume:
+        engine.sync_weights(student)
+    print0(f"[reheat_tsopsd] tau={args.tau} teacher={args.teacher} divergence={args.divergence} engine={engine.name} "
+           f"world={info.world_size} problems={len(problems)}")
 
     # ------------------------------------------------------------------------- loop
     pbar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not info.is_main,
@@ -315,7 +340,7 @@ def main(argv=None):
         done = step + 1
         if args.save_every and done % args.save_every == 0 and done < args.steps:
             save_checkpoint(run_dir, done, student, tokenizer, optimizer, {"step": done, "cursor": cursor},
-                            keep_last=args.keep_last)
+                            keep_last=args.keep_last, dtype=export_dtype)
         # the entropy measured this step is that of the policy that sampled (before this update)
         if args.target_entropy is not None and m["reheat/student_entropy"] >= args.target_entropy:
             print0(f"[reheat_tsopsd] student entropy {m['reheat/student_entropy']:.4f} >= target {args.target_entropy}: stopping")
@@ -323,9 +348,9 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- save
     save_checkpoint(run_dir, step + 1, student, tokenizer, optimizer, {"step": step + 1, "cursor": cursor},
-                    keep_last=args.keep_last)
+                    keep_last=args.keep_last, dtype=export_dtype)
     final = os.path.join(run_dir, "final")
-    save_hf(final, student, tokenizer)
+    save_hf(final, student, tokenizer, dtype=export_dtype)
     print0(f"[reheat_tsopsd] done: reheated policy in {final}")
     logger.close()
     engine.close()

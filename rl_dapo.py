@@ -38,13 +38,15 @@ import torch
 from tqdm import tqdm
 
 from common.batching import default_micro_batch_tokens, exchange_sequences, pack_padding_free, plan_micro_batches
-from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
+from common.checkpoint import (check_disk_space, latest_checkpoint, load_checkpoint, save_checkpoint, save_hf,
+                               stored_dtype)
 from common.cli import arg, check_context_length, parse_args, with_resumed_config
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
 from common.dist import (all_gather_objects, all_reduce, check_model_path, check_sharding, cleanup_distributed, derive_seed,
                          init_distributed, print0, resolve_model_path, seed_everything)
 from common.grading import extract_answer, grade_batch, truncated_is_wrong
-from common.loading import load_sharded
+from common.loading import load_sharded, param_count
+from common.preflight import materialize_optimizer_state, oom_hint, preflight, preflight_sequences
 from common.losses import chunked_logprob_entropy, entropy_from_hidden
 from common.rollout import make_engine
 from common.runlog import MetricsLogger, make_run_dir, warn_logprob_mismatch
@@ -75,7 +77,9 @@ class Args:
     top_p: float = arg(1.0, "nucleus sampling (1.0: off, as in DAPO training)", group="rollout")
     rollout_engine: str = arg("auto", "vllm, hf (transformers generate), or auto (vllm if installed)", group="rollout",
                               choices=("auto", "vllm", "hf"))
-    vllm_gpu_memory: float = arg(0.5, "fraction of GPU memory vLLM may take for weights + KV cache", group="rollout")
+    vllm_gpu_memory: float | None = arg(None, "fraction of the GPU's total memory vLLM may take for its weights + KV "
+                                        "cache (default: all that is free with the training state resident, less 2 "
+                                        "GiB; README.md#memory-plan)", group="rollout")
     vllm_kv_cache_gib: float | None = arg(None, "KV cache size in GiB (overrides --vllm-gpu-memory; useful on CPU)", group="rollout")
     vllm_tp: int = arg(1, "vLLM tensor parallel size (ranks of one group share prompts)", group="rollout")
     vllm_sleep: bool = arg(True, "free vLLM's GPU memory during training (CUDA only; sleep level 2)", group="rollout")
@@ -110,6 +114,9 @@ class Args:
     activation_checkpointing: bool | None = arg(None, "recompute decoder activations in backward (default: on for CUDA, "
                                                 "off on CPU; bench/estimate_memory.py shows the paper's 20k-token "
                                                 "responses need it on 80 GB)", group="systems")
+    preflight: bool | None = arg(None, "before vLLM starts: one forward/backward of a full --micro-batch-tokens "
+                                 "micro-batch, its peak memory printed and an OOM reported in the first minute, not "
+                                 "after a rollout (default: on for CUDA; common/preflight.py)", group="systems")
     seed: int = arg(0, "seed; every rank/step derives its own from it", group="systems")
     # run directory
     out: str = arg("runs", "root directory of run directories", group="run")
@@ -236,6 +243,9 @@ def main(argv=None):
     run_dir = make_run_dir(os.path.dirname(os.path.normpath(args.resume)) if args.resume else args.out, "rl_dapo",
                            config, rank=info.rank)
     print0(f"[rl_dapo] run directory: {run_dir}")
+    # checkpoints: fp32 resume state (DCP) + the HF export in the dtype the model came in (bf16 for Qwen3)
+    export_dtype = stored_dtype(model_path)
+    check_disk_space(run_dir, param_count(model_path), export_dtype, args.keep_last)   # before any weights load
 
     if len(train_problems) < args.gen_batch_prompts:
         print0(f"[rl_dapo] note: {len(train_problems)} training problems < --gen-batch-prompts {args.gen_batch_prompts}: "
@@ -256,6 +266,45 @@ def main(argv=None):
                            tensorboard=args.tensorboard)
     if args.resume:
         logger.truncate_after(start_step)
+
+    # ------------------------------------------------------------------------- loss: forward heads
+    T = args.rollout_temperature
+
+    def logprob_head(targets_sel, pred_mask, with_entropy_t1):
+        """Head run inside the model's forward: log p(response token) at temperature T (with grad), entropy at
+        T and, when T != 1, at T=1 (detached), all over response positions only: [N] each."""
+        def head(hidden, weight):
+            h = hidden[pred_mask]                                           # [N, H]
+            logp, ent = chunked_logprob_entropy(h, weight, targets_sel, temperature=T, chunk_size=args.chunk_size,
+                                                compiled=args.compile)
+            ent1 = ent
+            if with_entropy_t1 and T != 1.0:
+                with torch.no_grad():
+                    ent1 = entropy_from_hidden(h.detach(), weight.detach(), 1.0, chunk_size=args.chunk_size,
+                                               compiled=args.compile)
+            return logp, ent, ent1
+        return head
+
+    def forward_logprobs(seqs, grad: bool):
+        """One padding-free packed micro-batch (common/batching.py) -> (logp, entropy at T, entropy at T=1),
+        each [N] over its response tokens in sequence order. [] runs the one-token dummy forward."""
+        ids, pos, pred, targets = pack_padding_free(seqs, info.device)
+        with torch.set_grad_enabled(grad):
+            return model(ids, position_ids=pos, head=logprob_head(targets[pred], pred, True))
+
+    # ------------------------------------------------------------------------- preflight (common/preflight.py)
+    # the moments AdamW would create at its first step, now: vLLM's memory check below sees every byte training
+    # holds; then one update of the largest micro-batch a run meets, so an OOM shows in the first minute
+    materialize_optimizer_state(optimizer)
+    longest = min(max_prompt + args.max_response_len, max_positions or 1 << 30)     # a longer one runs alone
+
+    def preflight_step():
+        logp, _, _ = forward_logprobs(preflight_sequences(max(args.micro_batch_tokens, longest), longest), grad=True)
+        logp.float().sum().backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    preflight(preflight_step, max(args.micro_batch_tokens, longest), info, enabled=args.preflight, name="rl_dapo",
+              hint=oom_hint(args.micro_batch_tokens, longest, args.activation_checkpointing, info))
 
     # ------------------------------------------------------------------------- rollout engine
     engine = make_engine(args.rollout_engine, model=model, model_path=model_path, tokenizer=tokenizer, info=info,
@@ -283,31 +332,6 @@ def main(argv=None):
         correct = grade_batch(responses, truths, is_choice=choice, num_workers=args.grade_workers,
                               timeout_s=args.grade_timeout)
         return truncated_is_wrong(correct, [s.finish_reason for g in groups for s in g], args.grade_truncated)
-
-    # ------------------------------------------------------------------------- loss: forward heads
-    T = args.rollout_temperature
-
-    def logprob_head(targets_sel, pred_mask, with_entropy_t1):
-        """Head run inside the model's forward: log p(response token) at temperature T (with grad), entropy at
-        T and, when T != 1, at T=1 (detached), all over response positions only: [N] each."""
-        def head(hidden, weight):
-            h = hidden[pred_mask]                                           # [N, H]
-            logp, ent = chunked_logprob_entropy(h, weight, targets_sel, temperature=T, chunk_size=args.chunk_size,
-                                                compiled=args.compile)
-            ent1 = ent
-            if with_entropy_t1 and T != 1.0:
-                with torch.no_grad():
-                    ent1 = entropy_from_hidden(h.detach(), weight.detach(), 1.0, chunk_size=args.chunk_size,
-                                               compiled=args.compile)
-            return logp, ent, ent1
-        return head
-
-    def forward_logprobs(seqs, grad: bool):
-        """One padding-free packed micro-batch (common/batching.py) -> (logp, entropy at T, entropy at T=1),
-        each [N] over its response tokens in sequence order. [] runs the one-token dummy forward."""
-        ids, pos, pred, targets = pack_padding_free(seqs, info.device)
-        with torch.set_grad_enabled(grad):
-            return model(ids, position_ids=pos, head=logprob_head(targets[pred], pred, True))
 
     # ------------------------------------------------------------------------- validation
     def validate(step: int) -> dict:
@@ -502,7 +526,9 @@ def main(argv=None):
                   "train/updates_skipped": skipped, "train/tokens": ntok,
                   "rollout/logprob_diff_mean": tot[8].item() / max(first_mb_tokens, 1),
                   "rollout/logprob_diff_max": all_reduce([stats[9]], "max")[0].item()}
-            warn_logprob_mismatch(m["rollout/logprob_diff_mean"], step)
+            # a fresh run's first step samples from weights vLLM read from disk; later ones from the trainer's sync
+            warn_logprob_mismatch(m["rollout/logprob_diff_mean"], step,
+                                  first_after_sync=step == start_step + (0 if args.resume else 1))
         optimizer.zero_grad(set_to_none=True)           # no gradients held while vLLM wakes up for the next rollout
         m["time/update"] = time.time() - t0
 
@@ -521,11 +547,11 @@ def main(argv=None):
                          kept=f"{m['rollout/groups_used']}")
         if (args.save_every and done % args.save_every == 0) or done == args.steps:
             save_checkpoint(run_dir, done, model, tokenizer, optimizer, {"step": done, "cursor": cursor},
-                            keep_last=args.keep_last)
+                            keep_last=args.keep_last, dtype=export_dtype)
 
     # ------------------------------------------------------------------------- save
     final = os.path.join(run_dir, "final")
-    save_hf(final, model, tokenizer)
+    save_hf(final, model, tokenizer, dtype=export_dtype)
     print0(f"[rl_dapo] done: final policy in {final}")
     logger.close()
     engine.close()

@@ -2,11 +2,15 @@
 
     python bench/estimate_memory.py                                   # the default sweep, Qwen3-4B and 8B, W=8
     python bench/estimate_memory.py --config 8b --stage rl --tokens 21504 --ac both --wgrad both
+    python bench/estimate_memory.py --rollout                         # vLLM's budget and KV tokens per rank
 
-How: the model is a meta-device `Qwen3ForCausalLM` built from a shipped config.json (assets/configs), sharded
-by the project's own `common.dist.shard_model` (FSDP2, bf16 params / fp32 reduce) over a fake process group of
-world W (rank 0 of W; collectives do nothing), materialised with `to_empty` inside a FakeTensorMode (tensors
-with shapes and dtypes but no storage), and run through one update: the stage's forward, backward and AdamW
+How: the model is what the scripts' own `common.loading.load_sharded` returns for a shipped config.json
+(assets/configs), with only the read and broadcast of the weights left out, inside a FakeTensorMode (tensors with
+shapes and dtypes but no storage), over a fake process group of world W (rank 0 of W; collectives do nothing): a
+meta-device `Qwen3ForCausalLM`, fp32, wrapped and sharded by `common.dist.shard_model` (FSDP2, bf16 params / fp32
+reduce) with the scripts' activation-checkpointing setting, in whatever mode load_sharded leaves it (a model left
+in eval mode recomputes nothing under checkpointing, and the table shows it), materialised with `to_empty`; the
+reheat teacher is reheat_tsopsd.py's `frozen_copy` of it. Then one update: the stage's forward, backward and AdamW
 step (fp32 master weights and moments, foreach as on CUDA). `FSDPMemTracker` attributes every allocation:
 params (sharded fp32 masters + gathered bf16 copies), grads, optimizer state, activations (what forward
 allocates, including recomputation under checkpointing), temporaries (what backward allocates) and the peak.
@@ -39,6 +43,11 @@ What is modelled rather than run (the machine has no CUDA; fake CUDA tensors abo
   all-true mask, its `torch.equal(grad_loss, 1)` shortcut is answered False (the scripts scale the loss), and
   transformers' packed-sequence detection is computed from the real position ids.
 
+What still differs from the scripts (besides the kernels above and the weights never read): the update's loss around the chunked heads is a stand-in of the scripts' (rl: a clipped ratio on the
+head's log-probs; reheat: fused_linear_kl's loss x 0.5), an [N]-sized fp32 computation next to the heads' [N, V]
+chunks; the micro-batch is synthetic (PROMPT_TOKENS of prompt, the rest response positions); AdamW runs foreach,
+as on CUDA. The scripts' --preflight (common/preflight.py) measures the real thing on a GPU at start-up.
+
 Not counted: the CUDA context and NCCL/cuBLAS workspaces, allocator fragmentation (`--fragmentation`, 1.10),
 and vLLM. vLLM shares the GPU: asleep (level 1: weights offloaded to host, KV cache freed) it keeps a residue
 (CUDA graphs' pool, NCCL buffers, its own context), `--reserve-gib` (3 GiB, an assumption to check on a GPU).
@@ -51,6 +60,7 @@ import itertools
 import json
 import os
 import sys
+import tempfile
 import time
 from unittest import mock
 
@@ -60,7 +70,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import losses  # noqa: E402
 from common.batching import pack_padding_free  # noqa: E402
-from common.dist import DistInfo, shard_model  # noqa: E402
+from common import loading  # noqa: E402
+from common.dist import DistInfo, unwrap  # noqa: E402
+from common.loading import frozen_copy, load_sharded  # noqa: E402
+from common.preflight import materialize_optimizer_state  # noqa: E402
 
 GIB = 2 ** 30
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -196,6 +209,22 @@ def micro_batch(tokens: int, packing: str):
 
 
 @contextlib.contextmanager
+def checkpoint_not_read(fake):
+    """load_sharded / frozen_copy without a checkpoint: no safetensors to list, no weights to read and broadcast
+    (fake tensors hold no values), and the models materialised (`to_empty`) as fake tensors; everything else they
+    do runs (FSDP's device mesh cannot be set up inside a FakeTensorMode, so only to_empty enters it)."""
+    real_to_empty = torch.nn.Module.to_empty
+
+    def to_empty_fake(self, *, device, recurse=True):
+        with fake:
+            return real_to_empty(self, device=device, recurse=recurse)
+    with mock.patch.object(loading, "checkpoint_files", lambda path: []), \
+            mock.patch.object(loading, "_broadcast_from_rank0", lambda *args: None), \
+            mock.patch.object(torch.nn.Module, "to_empty", to_empty_fake):
+        yield
+
+
+@contextlib.contextmanager
 def simulation_patches(position_ids, wgrad: str, head: str):
     """What fake tensors cannot answer, answered (see the module docstring)."""
     import transformers.masking_utils as mu
@@ -273,16 +302,19 @@ def simulate(cfg, stage: str, world: int, tokens: int, ac: bool, *, packing: str
             return _breakdown(snap)
 
         info = fake_world(world)
-        model = shard_model(make_lm(cfg), info, "fsdp", bf16=True, activation_checkpointing=ac)
-        teacher = None
-        if stage == "reheat":
-            teacher = shard_model(make_lm(cfg), info, "fsdp", bf16=True, requires_grad=False)
+        with tempfile.TemporaryDirectory() as tmp, checkpoint_not_read(fake):
+            # the scripts' own calls: load_sharded (build on meta, shard, to_empty, buffers; only the read and
+            # broadcast of the weights left out) and, for reheat, frozen_copy of the student. Whatever mode or
+            # checkpointing setting they leave the model in is what runs here: a model left in eval mode would
+            # recompute no layer and show as such (rl 8B, 21,504 tokens: 175 GiB instead of 28)
+            cfg.to_json_file(os.path.join(tmp, "config.json"))
+            model = load_sharded(tmp, info, "fsdp", bf16=True, activation_checkpointing=ac)
+            teacher = frozen_copy(model, info, "fsdp", bf16=True) if stage == "reheat" else None
+        for m in (model, teacher):
+            if m is not None:              # the kernel's cost model, where shard_model picks flex/flash on CUDA
+                unwrap(m).set_attn_implementation(cfg._attn_implementation)
         with fake:
-            model.to_empty(device="cpu")
-            model.train()
             if teacher is not None:
-                teacher.to_empty(device="cpu")
-                teacher.eval()
                 teacher_weight = torch.empty(V, H, dtype=torch.bfloat16)      # gathered once, whole, bf16
             ids, pos = torch.zeros(1, tokens, dtype=torch.long), torch.zeros(1, tokens, dtype=torch.long)
             resp = torch.zeros(n_resp, dtype=torch.long)                      # response positions of the row
@@ -323,10 +355,12 @@ def simulate(cfg, stage: str, world: int, tokens: int, ac: bool, *, packing: str
                 # Steady state: the moments exist before the update. A separate entry (each entry restarts the
                 # peak), because the first DTensor op of each kind runs sharding propagation, which here runs
                 # under the simulation's own fake mode and is counted (several x the sharded model; cached after)
+                # (the scripts' common/preflight.materialize_optimizer_state, then a clip of zero gradients for the
+                # clip's own sharding propagation)
+                materialize_optimizer_state(optimizer)
                 for p in model.parameters():
                     p.grad = torch.zeros_like(p)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             _HEAD_DW.update(tracker=tracker, max=0)
             with tracker:
@@ -342,6 +376,57 @@ def simulate(cfg, stage: str, world: int, tokens: int, ac: bool, *, packing: str
             _HEAD_DW["tracker"] = None
             snap = tracker.get_tracker_snapshot("peak")
         return {**_breakdown(snap), "head_dw": _HEAD_DW["max"]}
+
+
+# ----------------------------------------------------------------------------- vLLM's share during rollout
+
+OLD_DEFAULTS = {"rl": 0.5, "reheat": 0.4}      # the fixed --vllm-gpu-memory defaults before the budget was measured
+
+
+def rollout_budget(cfg, stage: str, world: int, gpu_gib: float, context_gib: float, overhead_gib: float,
+                   utilization: float | None = None) -> dict:
+    """Per rank, what vLLM gets during rollout (GiB; computed from the parameter count, not simulated). Resident
+    training state when the engine starts: fp32 shards and AdamW's two fp32 moments (common/preflight.py creates
+    them first), and for reheat the frozen teacher's fp32 shards and its gathered bf16 head; gradients and
+    activations are gone. utilization None: the scripts' default, free less common.rollout.VLLM_MARGIN_GIB.
+    Out of vLLM's budget come its bf16 weights (the whole model on every rank at --vllm-tp 1), `overhead_gib` of
+    activations and CUDA graphs (an assumption), and the KV cache: 2 (K, V) x layers x kv heads x head_dim x 2
+    bytes per token."""
+    from common.rollout import VLLM_MARGIN_GIB
+    lm = make_lm(cfg)
+    n = sum(p.numel() for p in lm.parameters())                       # a tied head counted once
+    head = lm.get_output_embeddings().weight.numel()
+    resident = n * (4 + 8) / world + ((n * 4 / world + head * 2) if stage == "reheat" else 0)
+    resident /= GIB
+    free = gpu_gib - context_gib - resident
+    util = (free - VLLM_MARGIN_GIB) / gpu_gib if utilization is None else utilization
+    weights = n * 2 / GIB
+    kv = util * gpu_gib - weights - overhead_gib
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
+    return {"params": n, "resident_gib": resident, "free_gib": free, "utilization": util,
+            "budget_gib": util * gpu_gib, "vllm_weights_gib": weights, "kv_gib": kv,
+            "kv_bytes_per_token": per_token, "kv_tokens": max(kv, 0) * GIB / per_token}
+
+
+def rollout_table(a):
+    rows = []
+    print(f"{'stage':6} {'config':6} {'W':>2} {'budget':>8} {'resident':>8} {'free':>6} {'util':>5} {'vLLM':>6} "
+          f"{'weights':>7} {'KV GiB':>6} {'KV tokens':>9}  (GiB per rank, {a.gpu_gib} GiB card)")
+    for spec, stage in itertools.product(a.config, [s for s in a.stage if s != "eval"]):
+        cfg = load_config(spec, "sdpa")                 # (the kernel does not matter here)
+        for name, util in (("default", None), (f"old {OLD_DEFAULTS[stage]}", OLD_DEFAULTS[stage])):
+            r = rollout_budget(cfg, stage, a.world, a.gpu_gib, a.context_gib, a.vllm_overhead_gib, util)
+            rows.append({"stage": stage, "config": spec, "world": a.world, "budget": name, **r})
+            print(f"{stage:6} {os.path.basename(spec.rstrip('/')):6} {a.world:>2} {name:>8} {r['resident_gib']:8.2f} "
+                  f"{r['free_gib']:6.1f} {r['utilization']:5.3f} {r['budget_gib']:6.1f} {r['vllm_weights_gib']:7.2f} "
+                  f"{r['kv_gib']:6.1f} {r['kv_tokens'] / 1e3:8.0f}k", flush=True)
+    out = a.json or os.path.join(ROOT, "bench", "results", "vllm_budget.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"assumptions": {"gpu_gib": a.gpu_gib, "context_gib": a.context_gib,
+                                   "vllm_overhead_gib": a.vllm_overhead_gib}, "rows": rows}, f, indent=1)
+    print(f"wrote {out}")
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -373,10 +458,19 @@ def main(argv=None):
     p.add_argument("--gpu-gib", type=float, default=79.2, help="usable GPU memory (80 GB H100/A100: 79.2 GiB)")
     p.add_argument("--reserve-gib", type=float, default=3.0, help="vLLM's sleeping residue + CUDA context")
     p.add_argument("--fragmentation", type=float, default=1.10, help="allocator overhead factor on the peak")
+    p.add_argument("--rollout", action="store_true",
+                   help="instead of the update: vLLM's budget and KV cache per rank during rollout at the scripts' "
+                        "default --vllm-gpu-memory and the old fixed ones (computed; bench/results/vllm_budget.json)")
+    p.add_argument("--context-gib", type=float, default=1.0,
+                   help="--rollout: CUDA context, NCCL and cuBLAS workspaces outside torch's allocator (assumption)")
+    p.add_argument("--vllm-overhead-gib", type=float, default=3.0,
+                   help="--rollout: vLLM's activation peak and CUDA graphs inside its budget (assumption)")
     p.add_argument("--json", default="", help="output path (default bench/results/memory_<configs>.json)")
     a = p.parse_args(argv)
     if a.world < 1 or any(t < 2 for t in a.tokens):
         raise SystemExit("--world must be >= 1 and every --tokens >= 2")
+    if a.rollout:
+        return rollout_table(a)
     both = lambda x, vals: vals if x == "both" else [x]  # noqa: E731
     register_attention()
     rows = []

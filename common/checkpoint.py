@@ -1,39 +1,69 @@
 """Checkpoints: one directory per step that transformers and vLLM load as-is, plus what resuming needs.
 
     run_dir/checkpoints/step_000010/
-        config.json generation_config.json model.safetensors tokenizer*   the HF model, written by rank 0
-        resume/optimizer/            torch.distributed.checkpoint (DCP): every rank writes its own shard
+        config.json generation_config.json model.safetensors tokenizer*   the HF export, written by rank 0, in
+                                     the export dtype (`dtype=`, the source checkpoint's: stored_dtype(path))
+        resume/model/                torch.distributed.checkpoint (DCP): the weights as training holds them
+                                     (fp32 master weights); every rank writes its own shard, in parallel
+        resume/optimizer/            DCP: the AdamW state (two fp32 moments and a step count per parameter)
         resume/trainer_state.json    {"step": 10, **state} (state = data cursor, config, ... from the script)
         resume/rng_rank{r}.pt        python / numpy / torch CPU (/ CUDA) generator states of rank r
 
 One code path for a plain module, DDP and FSDP2 (`fully_shard` per decoder layer, then the root): the
 torch.distributed.checkpoint.state_dict helpers name every tensor by its module path (without DDP's
 "module." and torch.compile's "_orig_mod."; we also drop a training root's prefix such as
-common/dist.py's LMWithHead "lm."), and gather DTensor shards when full_state_dict=True. So the weights
-are gathered once, on rank 0, and written with `save_pretrained`; the optimizer state stays sharded,
-keyed by the same HF names, so a checkpoint saved under one wrapping or world size resumes under
-another (DCP reshards on load; tests/_ckpt_worker.py resumes an FSDP2 checkpoint under DDP).
+common/dist.py's LMWithHead "lm."). Both DCP parts are keyed by those HF names and hold a tied head once,
+so a checkpoint saved under one wrapping or world size resumes under another (DCP reshards on load;
+tests/_ckpt_worker.py resumes an FSDP2 checkpoint under DDP, tests/test_checkpoint.py in one process).
 
-The weights are written in the dtype training holds them in (fp32 master weights under FSDP2 mixed
-precision: twice the size of a bf16 hub checkpoint, and vLLM's dtype="auto" then reads fp32; pass
-dtype="bfloat16" to vLLM). Exact resumes need the fp32 copy.
+Two copies of the weights, for two readers:
+- resume/model/ is what load_checkpoint restores: fp32, so a resume is bit-exact, and written shard by
+  shard on every rank (no rank gathers the fp32 model).
+- the HF export is what eval, vLLM and the next stage read. It is written in `dtype`, which the scripts set
+  to the stored dtype of the model the run started from (stored_dtype: bf16 for the Qwen3 bases, fp32 for
+  the shipped tiny model): each rank casts its shard, the
+  cast shards are gathered one tensor at a time, so rank 0's host RAM holds the model in the export dtype
+  (Qwen3-8B: 16.4 GB in bf16, where the fp32 gather took 32.8 GB), and config.json says that dtype, so
+  vLLM's and from_pretrained's dtype="auto" read it as the hub checkpoint would be read. A tied head
+  (Qwen3-4B, the tiny model) is written once; vLLM and from_pretrained re-tie it from the config.
+  dtype=None writes the weights as held (fp32).
 
-Why the weights are not in DCP too: the point of the HF copy is that eval and vLLM read it directly,
-and a second copy of the weights would double the disk per step. Resuming reads the HF weights back.
+Sizes (checkpoint_bytes; count_params counts a tied head once): per parameter 4 B of fp32 DCP weights +
+8 B of AdamW moments + the export (2 B bf16, 4 B fp32); tokenizer, configs, DCP metadata and step
+counters add a few MB. Checkpoints written before resume/model/ existed held 4 + 8 B (the fp32 export was
+also the resume copy). Computed from assets/configs (the parameters of the meta-device model, tied once):
+
+    Qwen3-8B (8,190,735,360 params, untied)   before: fp32 export + moments = 12 B/param = 98.3 GB
+                                              now:    14 B/param = 114.7 GB (bf16 export 16.4 GB)
+    Qwen3-4B (4,022,468,096 params, tied)     before: 48.3 GB; now: 56.3 GB (bf16 export 8.0 GB)
+
+So a checkpoint takes 2 B/param more disk than before (+17%), and in exchange rank 0 gathers half the
+bytes (Qwen3-8B: 16.4 instead of 32.8 GB of host RAM), the 12 B/param of resume state are written by
+all ranks in parallel, and every later stage and vLLM read half the bytes. A save writes the new
+checkpoint before pruning old ones, so --keep-last K holds up to K + 1 on disk during a save;
+check_disk_space fails a run at its start when not even one more fits.
 
 Atomic (against a crashed or killed process, not a power cut: files are not fsync'ed): everything
 goes into `step_000010.tmp/`, all ranks meet at a barrier, then rank 0 renames the directory to
 `step_000010/` and writes nothing into it after. `latest_checkpoint` only sees renamed directories;
-the next save deletes any leftover `*.tmp`.
+the next save deletes any leftover `*.tmp`. save_hf writes `out.tmp/` and renames it the same way.
 
+Checkpoints from before resume/model/ existed still resume: their HF weights are the fp32 copy, and
+load_checkpoint reads them when resume/model/ is absent.
+
+    dtype = stored_dtype(args.model)                # the source checkpoint's dtype: bf16 for Qwen3
+    check_disk_space(args.out, count_params(model), dtype, args.keep_last)
     ckpt = latest_checkpoint(run_dir)               # None on a fresh run
     if ckpt: state = load_checkpoint(ckpt, model, optimizer); start = state["step"] + 1
     ...
-    save_checkpoint(run_dir, step, model, tokenizer, optimizer, {"cursor": cursor}, keep_last=2)
-    save_hf(args.out, model, tokenizer)             # the final model, no resume state
+    save_checkpoint(run_dir, step, model, tokenizer, optimizer, {"cursor": cursor}, keep_last=2, dtype=dtype)
+    save_hf(args.out, model, tokenizer, dtype=dtype)   # the final model, no resume state
 
-Every function here is collective under torchrun: call it on all ranks.
+Every function here but stored_dtype, count_params, checkpoint_bytes and check_disk_space is collective under
+torchrun: call it on all ranks. Those four communicate nothing and give every rank the same answer (for
+check_disk_space: as long as run_dir is one filesystem shared by all nodes, as checkpoints need anyway).
 """
+import copy
 import glob
 import json
 import os
@@ -49,6 +79,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 STEP_DIR = re.compile(r"step_(\d+)")   # a complete checkpoint; "step_000010.tmp" does not match
@@ -131,31 +162,74 @@ def _replace_dir(tmp: str, final: str) -> None:
         os.replace(tmp, final)
 
 
-# ----------------------------------------------------------------------------- HF weights
+# ----------------------------------------------------------------------------- weights
 
-def _write_hf(out_dir: str, model, tokenizer) -> None:
-    """Gather the full weights onto rank 0's CPU and write an HF model dir there (collective)."""
-    # cpu_offload + full_state_dict: only rank 0 gets tensors, the others get {}, so a 4B model costs
-    # one CPU copy, not one per rank.
-    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def _model_state(model) -> dict:
+    """This rank's weights keyed by HF names, a tied alias dropped: DTensor shards under FSDP2 (the
+    parameters' own storage), full tensors otherwise. The same keys, in the same order, on every rank."""
+    hf_model, prefix = _hf_model(model)
+    aliases = _tied_names(hf_model)
+    state = {_hf_name(name, prefix): t for name, t in get_model_state_dict(model).items()}
+    return {name: t for name, t in state.items() if name not in aliases}
+
+
+def _save_weights(path: str, model) -> None:
+    # Sharded (each rank writes its own shards, in parallel; a replicated DDP tensor is written by one
+    # rank) in the dtype training holds them in, keyed by HF names, a tied head once.
+    _dcp_quietly(dcp.save, _model_state(model), checkpoint_id=path)
+
+
+def _load_weights(path: str, model) -> None:
+    # DCP reads in place into tensors of this model's shapes and shardings, whatever wrote them.
+    hf_model, prefix = _hf_model(model)
+    state = _model_state(model)
+    _dcp_quietly(dcp.load, state, checkpoint_id=path)
+    for alias, name in _tied_names(hf_model).items():   # stored once; set_model_state_dict wants both names
+        state[alias] = state[name]
+    set_model_state_dict(model, {prefix + name: t for name, t in state.items()})
+
+
+def _export_state(model, dtype: torch.dtype | None) -> dict:
+    """The full weights in `dtype` on rank 0's CPU ({} on the other ranks), keyed by HF names, a tied head
+    once. Collective under FSDP2: every rank casts its shard, then the cast shards are gathered one tensor
+    at a time, so neither the gather nor rank 0's host ever holds the fp32 model."""
+    rank0 = _rank() == 0
+    out = {}
+    for name, t in _model_state(model).items():
+        sharded = isinstance(t, DTensor)
+        if not (sharded or rank0):      # a DDP replica: rank 0 has the same tensor
+            continue
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)             # the shard (DTensor casts locally)
+        if sharded:
+            t = t.full_tensor()         # all ranks, same order (_model_state's)
+        if rank0:
+            out[name] = t.cpu()
+    return out
+
+
+def _write_hf(out_dir: str, model, tokenizer, dtype: torch.dtype | None) -> None:
+    """Write an HF model dir of the full weights in `dtype` (None: as held) on rank 0 (collective)."""
+    state_dict = _export_state(model, dtype)
     if _rank() != 0:
         return
-    hf_model, prefix = _hf_model(model)
-    state_dict = {_hf_name(name, prefix): t for name, t in state_dict.items()}
-    # A tied head must be written once: vLLM and from_pretrained re-tie it from the config, and a second
-    # tensor would double the embedding's disk size. transformers drops the alias itself only when the
-    # two entries share storage, which the FSDP2 gather does not preserve, so drop it here.
-    for alias in _tied_names(hf_model):
-        state_dict.pop(alias, None)
+    hf_model = _hf_model(model)[0]
     # save_pretrained also writes config.json and generation_config.json (Qwen3's two stop tokens). It
-    # empties the dict it is given.
+    # empties the dict it is given, and sets config.dtype to the dtype the model is held in (fp32), so
+    # the config is written again with the export's dtype: vLLM's and from_pretrained's "auto" read it.
     hf_model.save_pretrained(out_dir, state_dict=state_dict)
+    if dtype is not None:
+        config = copy.deepcopy(hf_model.config)
+        config.dtype = dtype
+        config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 
 
 def _read_hf_weights(ckpt_dir: str, model) -> None:
-    """Load the HF safetensors of `ckpt_dir` into `model`, whatever its wrapping (collective)."""
+    """Load the HF safetensors of `ckpt_dir` into `model`, whatever its wrapping (collective). Only for
+    checkpoints written before resume/model/ existed, whose HF export is the fp32 master copy."""
     from safetensors.torch import load_file
     files = sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors")))
     if not files:
@@ -168,7 +242,13 @@ def _read_hf_weights(ckpt_dir: str, model) -> None:
         hf_model, prefix = _hf_model(model)
         for f in files:
             state_dict.update(load_file(f))
-        for alias, name in _tied_names(hf_model).items():   # written once, see _write_hf
+        held = {p.dtype for p in hf_model.parameters()}
+        stored = {t.dtype for t in state_dict.values() if t.is_floating_point()}
+        if stored - held:
+            warnings.warn(f"{ckpt_dir} has no resume/model/, and its HF weights are {sorted(map(str, stored))} "
+                          f"while the model holds {sorted(map(str, held))}: the resumed weights are rounded, "
+                          f"not the ones training had")
+        for alias, name in _tied_names(hf_model).items():   # written once, see _model_state
             if alias not in state_dict and name in state_dict:
                 state_dict[alias] = state_dict[name]
         state_dict = {prefix + k: v for k, v in state_dict.items()}
@@ -191,6 +271,60 @@ def _load_optimizer(path: str, model, optimizer) -> None:
     optim_state = _rename_optim_state(get_optimizer_state_dict(model, optimizer), lambda n: _hf_name(n, prefix))
     _dcp_quietly(dcp.load, optim_state, checkpoint_id=path)
     set_optimizer_state_dict(model, optimizer, _rename_optim_state(optim_state, lambda n: prefix + n))
+
+
+# ----------------------------------------------------------------------------- sizes (no communication)
+
+def stored_dtype(model_path: str) -> torch.dtype:
+    """The dtype a HF checkpoint dir stores its weights in: config.json's "dtype" (transformers >= 4.56) or
+    "torch_dtype"; float32 when neither is there. bfloat16 for the Qwen3 bases, float32 for assets/tiny_math."""
+    config_path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: stored_dtype reads a local HF checkpoint dir "
+                                f"(a hub id: resolve it first with common/dist.py's resolve_model_path)")
+    with open(config_path) as f:
+        config = json.load(f)
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{config_path}: dtype {name!r} is not a torch floating-point dtype")
+    return dtype
+
+
+def count_params(model) -> int:
+    """The parameters of the HF model inside `model` (plain, DDP, compiled, LMWithHead, FSDP2; meta-device
+    too), a tied head once: DTensor.numel() is the global count, so every rank gets the same number."""
+    return sum(p.numel() for p in _hf_model(model)[0].parameters())   # parameters() skips a tied alias
+
+
+def checkpoint_bytes(n_params: int, export_dtype: torch.dtype | None, optimizer: bool = True) -> int:
+    """Bytes of one save_checkpoint dir of a model of `n_params` (count_params) held in fp32: the fp32 DCP
+    weights, AdamW's two fp32 moments (optimizer=True) and the HF export in `export_dtype` (None: as held,
+    fp32). Tokenizer, configs, DCP metadata and AdamW's step counters (a few MB) are left out."""
+    export = (export_dtype or torch.float32).itemsize
+    return n_params * (4 + (2 * 4 if optimizer else 0) + export)
+
+
+def check_disk_space(run_dir: str, n_params: int, export_dtype: torch.dtype | None, keep_last: int,
+                     optimizer: bool = True) -> None:
+    """Exit (SystemExit, one line) when the filesystem of `run_dir` has no room for one more checkpoint
+    (checkpoint_bytes). Reads disk usage only: call it on every rank, before training. run_dir need not
+    exist yet (its nearest existing parent is asked)."""
+    need = checkpoint_bytes(n_params, export_dtype, optimizer)
+    path = os.path.abspath(run_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    free = shutil.disk_usage(path).free
+    if free >= need:
+        return
+    export = str(export_dtype or torch.float32).removeprefix("torch.")
+    kept = (f"with --keep-last {keep_last} a save holds up to {keep_last + 1} checkpoints, "
+            f"{(keep_last + 1) * need / 1e9:.1f} GB; a lower --keep-last needs less" if keep_last > 0 else
+            f"--keep-last {keep_last} keeps every checkpoint; a positive --keep-last bounds them")
+    raise SystemExit(f"not enough disk for a checkpoint: {path} has {free / 1e9:.1f} GB free, one checkpoint of "
+                     f"{n_params / 1e9:.2f}B parameters needs {need / 1e9:.1f} GB (fp32 weights"
+                     f"{' + AdamW moments' if optimizer else ''} + {export} export); point --out at a bigger "
+                     f"filesystem ({kept})")
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -216,16 +350,18 @@ def _set_rng_state(state: dict) -> None:
 
 # ----------------------------------------------------------------------------- public API
 
-def save_hf(out_dir: str, model, tokenizer) -> str:
+def save_hf(out_dir: str, model, tokenizer, *, dtype: torch.dtype | None = None) -> str:
     """Write only the HF model dir (weights, config, generation config, tokenizer), atomically:
-    into `out_dir.tmp`, then renamed. For final outputs (`--out`). Collective; returns out_dir."""
+    into `out_dir.tmp`, then renamed. For final outputs (`--out`). The weights and config.json are in
+    `dtype` (None: as the model holds them; pass stored_dtype(source checkpoint)), cast shard by shard
+    before the gather onto rank 0. Collective; returns out_dir."""
     out_dir = os.path.abspath(out_dir)
     tmp = out_dir + ".tmp"
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    _write_hf(tmp, model, tokenizer)
+    _write_hf(tmp, model, tokenizer, dtype)
     _barrier()
     if _rank() == 0:
         _replace_dir(tmp, out_dir)
@@ -234,9 +370,12 @@ def save_hf(out_dir: str, model, tokenizer) -> str:
 
 
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer=None, state: dict | None = None, *,
-                    keep_last: int = 2) -> str:
+                    keep_last: int = 2, dtype: torch.dtype | None = None) -> str:
     """Write run_dir/checkpoints/step_{step:06d}/ (layout in the module docstring) atomically, then
     delete all but the newest `keep_last` complete checkpoints (<= 0 keeps all). Collective.
+
+    `dtype`: the HF export's (None: as the model holds them; pass stored_dtype(source checkpoint)). The
+    resume copy in resume/model/ is always as held, so resuming is exact whatever the export.
 
     `state` is anything JSON can hold (data cursor, config, ...); load_checkpoint returns it with "step"
     added. If it has no "config", run_dir/config.json (see common/runlog.py) is copied in, so a
@@ -261,7 +400,8 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer=None, s
         os.makedirs(os.path.join(tmp, "resume"))
     _barrier()
 
-    _write_hf(tmp, model, tokenizer)
+    _write_hf(tmp, model, tokenizer, dtype)
+    _save_weights(os.path.join(tmp, "resume", "model"), model)
     if optimizer is not None:
         _save_optimizer(os.path.join(tmp, "resume", "optimizer"), model, optimizer)
     torch.save(_rng_state(), os.path.join(tmp, "resume", f"rng_rank{rank}.pt"))
@@ -295,6 +435,9 @@ def load_checkpoint(ckpt_dir: str, model, optimizer=None) -> dict:
     """Restore a save_checkpoint dir into `model` (plain, DDP or FSDP2; same shapes), `optimizer` (a
     fresh one is fine) and this rank's RNGs; returns the trainer state ({"step": ..., **state}). Collective.
 
+    The weights come from resume/model/ (as training held them: exact), or, in a checkpoint written before
+    that existed, from its HF export (then the fp32 master copy; a warning if it is not the held dtype).
+
     The optimizer's param_groups (lr, betas, ...) come back as saved, so a changed --lr on resume must
     be set again after this call. An LR scheduler is not saved: derive the LR from the step."""
     resume = os.path.join(ckpt_dir, "resume")
@@ -310,7 +453,11 @@ def load_checkpoint(ckpt_dir: str, model, optimizer=None) -> dict:
         raise FileNotFoundError(f"{ckpt_dir} was saved without an optimizer (no resume/optimizer/); "
                                 f"call load_checkpoint(..., optimizer=None) and start the optimizer fresh")
 
-    _read_hf_weights(ckpt_dir, model)
+    model_dir = os.path.join(resume, "model")
+    if os.path.isdir(model_dir):
+        _load_weights(model_dir, model)
+    else:                       # the old layout: no DCP weights, the HF export is the fp32 copy
+        _read_hf_weights(ckpt_dir, model)
     if optimizer is not None:
         _load_optimizer(optim_dir, model, optimizer)
 

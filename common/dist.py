@@ -183,6 +183,7 @@ def shard_model(lm: nn.Module, info: DistInfo, mode: str = "fsdp", *, bf16: bool
     bf16 (default: on for CUDA, off for CPU) keeps FSDP2's compute params in bf16 and reduces gradients
     in fp32; the master weights and optimizer state stay fp32 either way. A frozen model (the TS-OPSD
     teacher) passes requires_grad=False and is sharded the same way, so it costs 1/world of its size.
+    The returned root is in training mode when requires_grad, else in eval mode.
     """
     if mode not in ("fsdp", "ddp", "none"):
         raise ValueError(f"--sharding must be fsdp, ddp or none, got {mode!r}")
@@ -202,6 +203,11 @@ def shard_model(lm: nn.Module, info: DistInfo, mode: str = "fsdp", *, bf16: bool
         p.requires_grad_(requires_grad)
     fsdp = info.distributed and mode == "fsdp"
     root = LMWithHead(lm, autocast_bf16=bf16 and not fsdp)
+    # training mode for a model that trains, eval for a frozen one: transformers checkpoints a decoder layer only
+    # when `gradient_checkpointing and training` (modeling_layers.GradientCheckpointingLayer), and from_pretrained
+    # / from_config return eval mode, so without this activation checkpointing is switched on and never runs
+    # (Qwen3 has no dropout: the mode changes nothing else). tests/test_loading.py counts the recomputed layers.
+    root.train(requires_grad)
     if not info.distributed or mode == "none":
         return root
     if mode == "ddp":

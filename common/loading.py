@@ -11,9 +11,12 @@ and mode "fsdp":
    holds its shards plus one full tensor, never the model;
 4. the non-persistent buffers (the rotary `inv_freq`), which no checkpoint holds, are recomputed.
 With tied embeddings (Qwen3-4B) lm_head.weight is embed_tokens.weight, one shard, loaded once from the
-checkpoint's embedding. The frozen TS-OPSD teacher loads the same way (requires_grad=False). In one
-process, with DDP, or with --sharding none every rank needs the whole model anyway: `from_pretrained` then
-`shard_model`, as before.
+checkpoint's embedding. In one process, with DDP, or with --sharding none every rank needs the whole model
+anyway: `from_pretrained` then `shard_model`, as before. Either way the model comes back in training mode (eval
+when requires_grad=False), which is what makes activation checkpointing run.
+
+`build_model(config, ...)` is step 1 alone (the estimator's model), and `frozen_copy(model, ...)` the frozen
+TS-OPSD teacher built the same way and filled from the student's own shards, not from a second read.
 """
 import json
 import os
@@ -36,17 +39,60 @@ def load_sharded(model_path: str, info: DistInfo, mode: str = "fsdp", *, bf16: b
         lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         return shard_model(lm, info, mode, **shard_kwargs)
     files = checkpoint_files(model_path)             # fail on every rank, before any collective
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=torch.float32)
-    lm.eval()                                        # as from_pretrained returns it
+    model = build_model(AutoConfig.from_pretrained(model_path), info, mode, **shard_kwargs)
+    lm = unwrap(model)
     _load_generation_config(lm, model_path)
-    model = shard_model(lm, info, mode, **shard_kwargs)
     model.to_empty(device=info.device)
     _recompute_buffers(lm)
     _broadcast_from_rank0(model, files, info, batch_bytes)
     if info.device.type == "cuda":
         torch.cuda.empty_cache()      # the broadcast's full-size transients, so vLLM's memory probe does not count them
     return model
+
+
+def build_model(config, info: DistInfo, mode: str = "fsdp", *, bf16: bool | None = None,
+                activation_checkpointing: bool | None = None, requires_grad: bool = True) -> nn.Module:
+    """The scripts' model from a config, on the meta device (no memory): fp32, wrapped and sharded by
+    shard_model with these arguments (training mode when requires_grad, else eval). load_sharded fills it from a
+    checkpoint; bench/estimate_memory.py runs it under fake tensors, so the simulation is of this very object."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return shard_model(lm, info, mode, bf16=bf16, activation_checkpointing=activation_checkpointing,
+                       requires_grad=requires_grad)
+
+
+@torch.no_grad()
+def frozen_copy(model: nn.Module, info: DistInfo, mode: str = "fsdp", *, bf16: bool | None = None) -> nn.Module:
+    """A frozen copy (no grad, eval mode) of a loaded model, wrapped and sharded as build_model(requires_grad=False)
+    does, filled from this rank's own shards of `model` (device to device): the TS-OPSD teacher without a second
+    read and broadcast of the checkpoint (32.8 GB at Qwen3-8B). Same names, shapes and shardings on both sides,
+    so every rank copies its local shard; buffers (the rotary inv_freq) are copied too."""
+    src = unwrap(model)
+    copy = build_model(src.config, info, mode, bf16=bf16, requires_grad=False)
+    copy.to_empty(device=info.device)
+    dst = unwrap(copy)
+    if src.get_output_embeddings().weight is src.get_input_embeddings().weight:
+        dst.get_output_embeddings().weight = dst.get_input_embeddings().weight   # a plain to_empty unties them
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (a DTensor's own shard)
+    source = dict(src.named_parameters()) | dict(src.named_buffers())
+    targets = list(dst.named_parameters()) + list(dst.named_buffers())
+    if {n for n, _ in targets} != set(source):
+        raise RuntimeError(f"frozen_copy: the copy's tensors differ from the model's: "
+                           f"{sorted({n for n, _ in targets} ^ set(source))[:5]}")
+    for name, t in targets:
+        local(t).copy_(local(source[name]))
+    dst.generation_config = src.generation_config
+    return copy
+
+
+def param_count(model_path: str) -> int:
+    """Parameters of the checkpoint's model (a tied head once), from its config alone: a meta-device build, no
+    weights read (for the disk check before loading)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return sum(p.numel() for p in lm.parameters())
 
 
 def checkpoint_files(model_path: str) -> list[str]:

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from common.dist import DistInfo, derive_seed, full_params, unwrap
+from common.dist import DistInfo, derive_seed, full_params, print0, unwrap
 
 
 @dataclasses.dataclass
@@ -206,14 +206,26 @@ class _SampledLogprobs:
         return torch.stack(self.picked, 1).cpu()
 
 
-def vllm_memory_kwargs(free: int, total: int, utilization: float, kv_cache_gib: float | None,
-                       margin: int = 1 << 30) -> dict:
+VLLM_MARGIN_GIB = 2.0     # kept free beside vLLM's budget: allocator fragmentation, NCCL, what grows after start-up
+
+
+def vllm_memory_kwargs(free: int, total: int, utilization: float | None, kv_cache_gib: float | None,
+                       margin: int = int(VLLM_MARGIN_GIB * 2 ** 30)) -> dict:
     """vLLM 0.32's memory rule on CUDA, checked before it starts. It budgets a fraction `gpu_memory_utilization`
     of the device's TOTAL memory (its weights, CUDA graphs and KV cache come out of it), and at start-up that
     much must be FREE (v1/worker/utils.py: request_memory), even when the KV cache size is given. Training state
-    resident in this process (weights, optimizer, a frozen teacher) is not free. So: with --vllm-kv-cache-gib,
-    ask for what is free now (minus a margin); with --vllm-gpu-memory alone, fail early and say what would fit."""
+    resident in this process (weights, optimizer state, a frozen teacher: common/preflight.py makes all of it
+    resident before the engine starts) is not free. So: utilization None (the scripts' default) takes what is free
+    now less `margin`; with --vllm-kv-cache-gib, ask for what is free now (minus the margin); with an explicit
+    --vllm-gpu-memory, fail early and say what would fit. vLLM frees its budget while it sleeps (level 2), and
+    wakes into the same footprint at every step, so what is free here is what every later wake-up finds."""
     gib = 2 ** 30
+    if utilization is None and kv_cache_gib is None:
+        if free - margin < 0.05 * total:
+            raise SystemExit(f"only {free / gib:.1f} of {total / gib:.1f} GiB are free on the GPU with the training "
+                             f"state resident: no room for vLLM (README.md#memory-plan: use more GPUs, or "
+                             f"--rollout-engine hf)")
+        return {"gpu_memory_utilization": round((free - margin) / total, 4)}
     if kv_cache_gib is not None:
         if kv_cache_gib * gib > free - margin:
             raise SystemExit(f"--vllm-kv-cache-gib {kv_cache_gib} is more than the {(free - margin) / gib:.1f} GiB free "
@@ -233,7 +245,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_path: str, tokenizer, info: DistInfo, *, max_model_len: int, seed: int = 0,
-                 dtype: str = "auto", gpu_memory_utilization: float = 0.5, kv_cache_gib: float | None = None,
+                 dtype: str = "auto", gpu_memory_utilization: float | None = None, kv_cache_gib: float | None = None,
                  tensor_parallel_size: int = 1, sleep_mode: bool = False):
         # In-process engine: the weight sync passes a generator of tensors, which cannot cross processes.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -257,11 +269,15 @@ class VLLMEngine:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if info.device.type == "cuda" and torch.cuda.is_available():    # (a test's stand-in device has no memory)
             kwargs |= vllm_memory_kwargs(*torch.cuda.mem_get_info(), gpu_memory_utilization, kv_cache_gib)
+            free, total = torch.cuda.mem_get_info()
+            print0(f"[rollout] vLLM budget: {kwargs['gpu_memory_utilization']} of {total / 2**30:.1f} GiB "
+                   f"({free / 2**30:.1f} GiB free with the training state resident)")
         elif kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         else:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization or 0.5
         self.llm = LLM(**kwargs)
+        _quiet_expected_reload_warnings(_tied_embeddings(model_path))
         self.dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
 
     def generate(self, prompts: list[str], *, n: int, temperature: float, top_p: float = 1.0,
@@ -325,17 +341,64 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def close(self):
-        """Tear vLLM's parallel groups down while the process group they live in still exists (at exit they
-        would be destroyed after ours: 'Invalid process group specified')."""
+        """Shut vLLM down now: its workers drop their weights, KV cache and memory pools, and its parallel groups
+        go while the process group they live in still exists (at exit they would be destroyed after ours:
+        'Invalid process group specified'). Explicit, not left to a finalizer on `del` (which runs only if nothing
+        else holds the engine): evaluate.py loads a whole model for scoring right after. vLLM's shutdown also
+        destroys the default process group (it shares ours under external_launcher): every rank meets at a
+        barrier first, and nothing collective may follow (the scripts only clean up after it)."""
+        import gc
+        import torch.distributed as dist
         from vllm.distributed.parallel_state import destroy_model_parallel
+        if dist.is_initialized():
+            dist.barrier()
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()                     # EngineCore.shutdown: executor (workers, memory), then dist state
         del self.llm
         destroy_model_parallel()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def sleep(self):
         """Free vLLM's GPU memory (weights and KV cache) while the trainer runs; sync_weights wakes it."""
         if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=2)
             self.asleep = True
+
+
+class _ExpectedReloadWarnings:
+    """vLLM's layerwise reload warns '<layer>: Failed to load weights' for every layer a weight sync sends nothing
+    for, and two of them are expected on every sync: RotaryEmbedding (its cos/sin cache is computed from the
+    config; no checkpoint holds it) and, with tied embeddings (Qwen3-4B, the tiny model), ParallelLMHead (no
+    checkpoint holds lm_head.weight: the head IS updated, it shares embed_tokens' parameter, which is loaded; on
+    CPU _repack_tied_lm_head rebuilds its packed copy; rollout/logprob_diff_* checks it every step). Those two
+    are dropped; any other layer that fails to load still warns."""
+
+    tied = False
+
+    def filter(self, record) -> bool:
+        if record.msg != "%s: Failed to load weights" or not record.args:
+            return True
+        return record.args[0] not in ("RotaryEmbedding",) + (("ParallelLMHead",) if self.tied else ())
+
+
+_RELOAD_FILTER = _ExpectedReloadWarnings()
+
+
+def _tied_embeddings(model_path: str) -> bool:
+    import json
+    path = os.path.join(model_path, "config.json")
+    return os.path.isfile(path) and bool(json.load(open(path)).get("tie_word_embeddings", False))
+
+
+def _quiet_expected_reload_warnings(tied: bool):
+    import logging
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    _RELOAD_FILTER.tied = tied                      # the engine being built is the one whose syncs follow
+    if _RELOAD_FILTER not in log.filters:
+        log.addFilter(_RELOAD_FILTER)
 
 
 def _sampled_logprobs(logprobs, resp: list[int]) -> list[float]:
@@ -359,7 +422,7 @@ def _repack_tied_lm_head(worker):
 
 
 def make_engine(kind: str, *, model, model_path: str, tokenizer, info: DistInfo, max_model_len: int, seed: int,
-                hf_batch_size: int = 256, vllm_gpu_memory: float = 0.5, vllm_kv_cache_gib: float | None = None,
+                hf_batch_size: int = 256, vllm_gpu_memory: float | None = None, vllm_kv_cache_gib: float | None = None,
                 vllm_tp: int = 1, vllm_sleep: bool = True):
     """kind: vllm | hf | auto (vllm when it imports, else hf)."""
     if kind not in ("auto", "vllm", "hf"):

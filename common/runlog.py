@@ -348,16 +348,23 @@ class MetricsLogger:
 LOGPROB_WARN_NATS = 0.05
 
 
-def warn_logprob_mismatch(diff_mean: float, step: int, threshold: float = LOGPROB_WARN_NATS):
+def warn_logprob_mismatch(diff_mean: float, step: int, threshold: float = LOGPROB_WARN_NATS, *,
+                          first_after_sync: bool = False):
     """Loud warning when the rollout engine's log-probs of its own samples differ from the trainer's by more than
     `threshold` nats per token on average (rollout/logprob_diff_mean): the PPO ratios are then off-policy by
     that much. bf16 on GPU gives ~0.01-0.02; far more means the engine samples from other weights or another
     law. On GPU, vLLM 0.32 runs its V2 model runner by default when Triton is present, a path CPU CI never
-    runs: the first thing to try is VLLM_USE_V2_MODEL_RUNNER=0."""
+    runs: the first thing to try is VLLM_USE_V2_MODEL_RUNNER=0.
+
+    first_after_sync: this step sampled from weights pushed by the trainer (sleep level 2, wake, reload) for the
+    first time; a fresh run's first step samples from what vLLM read from disk, so a broken sync shows here
+    first, and the warning names it."""
     if diff_mean > threshold:
         from common.dist import print0
+        where = (" This is the first step sampled after vLLM's sleep / wake / weight sync: if earlier steps agreed, "
+                 "the sync did not deliver the trainer's weights." if first_after_sync else "")
         print0(f"[warning] step {step}: rollout/logprob_diff_mean = {diff_mean:.3f} nats > {threshold}: the rollout "
-               f"engine's log-probs disagree with the trainer's. On GPU try VLLM_USE_V2_MODEL_RUNNER=0 first; see "
-               f"README.md#troubleshooting. (--tis-cap 2 corrects a small mismatch.)")
+               f"engine's log-probs disagree with the trainer's.{where} On GPU try VLLM_USE_V2_MODEL_RUNNER=0 first; "
+               f"see README.md#troubleshooting. (--tis-cap 2 corrects a small mismatch.)")
         return True
     return False

@@ -5,7 +5,8 @@
 Each rank measures its peak RSS growth over the load (VmHWM, reset just before), then checks: the gathered
 full state dict equals the checkpoint's tensors exactly (as fp32), tied weights stay one Parameter, the
 sharded forward equals a plain from_pretrained model's logits, and a frozen (requires_grad=False) copy loads
-the same, its head gathered once by full_params as reheat_tsopsd.py does. `--old` loads the way the scripts
+the same, its head gathered once by full_params as reheat_tsopsd.py does (common/loading.frozen_copy of the
+student's shards, as the script builds it). `--old` loads the way the scripts
 did before common/loading.py (from_pretrained on every rank, then shard_model) and measures only.
 Each rank writes OUT_DIR/result_rank{r}.json.
 """
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.dist import full_params, init_distributed, shard_model, unwrap  # noqa: E402
-from common.loading import checkpoint_files, load_sharded  # noqa: E402
+from common.loading import checkpoint_files, frozen_copy, load_sharded  # noqa: E402
 
 
 def status_kib(field: str) -> int:
@@ -66,17 +67,17 @@ def main():
     ids = torch.randint(0, lm.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(ids, head=lambda h, w: h @ w.T)
-    model.train()
-    model(ids, head=lambda h, w: (h @ w.T).logsumexp(-1).mean()).backward()
+    model(ids, head=lambda h, w: (h @ w.T).logsumexp(-1).mean()).backward()     # in the mode load_sharded left
     grads = {name: p.grad.full_tensor() for name, p in lm.named_parameters()}   # collectives: every rank
-    teacher = load_sharded(model_dir, info, "fsdp", bf16=False, requires_grad=False)
+    teacher = frozen_copy(model, info, "fsdp", bf16=False)        # reheat_tsopsd.py's teacher: the student's shards
     tied = lm.config.tie_word_embeddings
     head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
     teacher_head = next(t for _, t in full_params(teacher, names={head_name}))
     with torch.no_grad():
         teacher_logits = teacher(ids, head=lambda h, w: h @ w.T)
     res["trainable"] = all(p.requires_grad and p.dtype == torch.float32 for p in params)
-    res["teacher_frozen"] = not any(p.requires_grad for p in unwrap(teacher).parameters())
+    res["teacher_frozen"] = not any(p.requires_grad for p in unwrap(teacher).parameters()) and not teacher.training
+    res["training_mode"] = model.training and all(layer.training for layer in lm.model.layers)
     res["tied_is_one_param"] = (lm.lm_head.weight is lm.model.embed_tokens.weight) == tied
     res["checkpointing"] = lm.is_gradient_checkpointing
     if info.is_main:

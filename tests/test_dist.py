@@ -18,7 +18,7 @@ def _loss_head(targets):
 def _grads(model_dir, ids, **shard_kwargs):
     torch.manual_seed(0)
     model = shard_model(AutoModelForCausalLM.from_pretrained(model_dir), DistInfo(), "none", **shard_kwargs)
-    model.train()
+    assert model.training                       # shard_model's own mode: from_pretrained returns eval
     loss = model(ids[:, :-1], attention_mask=torch.ones_like(ids[:, :-1]), head=_loss_head(ids[:, 1:]))
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in unwrap(model).named_parameters()}, unwrap(model)

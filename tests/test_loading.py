@@ -57,6 +57,7 @@ def test_sharded_load_keeps_rank1_small_and_equals_the_checkpoint(tmp_path, tied
     assert excess_growth(r1) < 1 / 3, r1
     for r in (r0, r1):
         assert r["trainable"] and r["teacher_frozen"] and r["tied_is_one_param"] and r["checkpointing"], r
+        assert r["training_mode"], r
     assert r0["state_dict_exact"] and r0["teacher_head_exact"] and r0["rotary_exact"] and r0["configs_equal"], r0
     assert r0["logits_max_diff"] < 1e-5 and r0["teacher_logits_max_diff"] < 1e-5, r0
     assert r0["grads_same_names"] and r0["grads_max_diff"] < 1e-5, r0     # it trains as the plain model does

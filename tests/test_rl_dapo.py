@@ -494,7 +494,9 @@ def test_logprob_mismatch_warns_loudly(capsys):
     assert not warn_logprob_mismatch(0.01, 3)
     assert warn_logprob_mismatch(0.2, 3)
     out = capsys.readouterr().out
-    assert "0.200" in out and "VLLM_USE_V2_MODEL_RUNNER=0" in out
+    assert "0.200" in out and "VLLM_USE_V2_MODEL_RUNNER=0" in out and "weight sync" not in out
+    assert warn_logprob_mismatch(0.2, 1, first_after_sync=True)
+    assert "first step sampled after vLLM's sleep / wake / weight sync" in capsys.readouterr().out
 
 
 @pytest.mark.slow

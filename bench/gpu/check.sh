@@ -6,6 +6,9 @@
 # Every part runs under a timeout cut to what CHECK_BUDGET_S (530 s) has left, so the summary always comes back;
 # CHECK_PARTS="train eval kl rollout" (the default) names the parts to run, e.g. a rerun of the ones cut short.
 #   train     rl_dapo.py then reheat_tsopsd.py on the shipped tiny model on CUDA: bf16 compute, the compiled head,
+#             activation checkpointing and the preflight on (also in the CPU dry run: the summary says whether every
+#             layer forward of the model the script built was recomputed in backward, counted, and what the
+#             preflight measured before vLLM started),
 #             4096-token micro-batches, HF engine when vLLM is absent (the GPU image has none, and vLLM's wheel
 #             with its torch is far over what a call may carry). Each runs inside bench/gpu/peak_memory.py, which
 #             measures torch.cuda.max_memory_allocated over every update (rollout end to weight sync), then
@@ -95,13 +98,14 @@ if want train; then
         $PY bench/gpu/peak_memory.py measure "$WORK/memory_rl.json" rl_dapo --model $M --data $D/train.jsonl \
         --val-data $D/test.jsonl --val-max-problems 64 --prompt-style plain --group-size 8 --prompts-per-step 16 \
         --gen-batch-prompts 32 --ppo-mini-batch 16 --max-response-len 64 --overlong-buffer 16 --lr 1e-4 \
-        --steps $RL_STEPS --val-every 0 --micro-batch-tokens $MBT $VK --out "$WORK" --run-name rl
+        --steps $RL_STEPS --val-every 0 --micro-batch-tokens $MBT $VK --activation-checkpointing --preflight \
+        --out "$WORK" --run-name rl
     # reheated from the RL result; from the tiny model itself when that run did not finish
     [ -d "$WORK/rl/final" ] && CKPT="$WORK/rl/final" || CKPT=$M
     part 100 "reheat_tsopsd.py on $CKPT, peak memory measured" \
         $PY bench/gpu/peak_memory.py measure "$WORK/memory_reheat.json" reheat_tsopsd --ckpt "$CKPT" --tau 1.5 \
         --data $D/train.jsonl --prompt-style plain --max-response-len 64 $RH --lr 3e-4 --micro-batch-tokens $MBT \
-        $VK --out "$WORK" --run-name reheat
+        $VK --activation-checkpointing --preflight --out "$WORK" --run-name reheat
     for run in rl reheat; do
         [ -f "$WORK/$run/metrics.jsonl" ] && mkdir -p "$OUT/$run" && cp "$WORK/$run/metrics.jsonl" "$OUT/$run/"
     done

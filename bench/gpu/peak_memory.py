@@ -10,7 +10,9 @@ rollout ends and engine.sync_weights() when its update is done; the CUDA peak is
 other, every step (the first also holds torch.compile's work). Also recorded: the whole run's peak (rollouts
 included), the memory reserved by the allocator over the window (its overhead: the estimator's --fragmentation),
 what is in use when the update starts, and the longest packed row it ran (the estimate's tokens). Without CUDA the
-script still runs and the memory is "skipped: no CUDA".
+script still runs and the memory is "skipped: no CUDA". Also recorded, on the model the script itself builds: the
+decoder-layer forwards run with grad and those run again inside backward (activation checkpointing recomputes each
+once: `ac_ok`), and what the script's preflight (common/preflight.py) measured before vLLM started.
 
 estimate: estimate_memory.simulate for each measured run at its longest row, with the run's activation
 checkpointing, head and chunk size, in exact bytes (the CLI's JSON rounds to 1 MiB), and a table of both. World 1:
@@ -33,6 +35,7 @@ SCRIPTS = {"rl_dapo": "rl", "reheat_tsopsd": "reheat"}      # script -> the esti
 
 
 def measure(out: str, script: str, argv: list[str]):
+    from common.dist import unwrap
     mod = importlib.import_module(script)
     cuda = torch.cuda.is_available()
     rec = {"script": script, "stage": SCRIPTS[script], "cuda": cuda, "steps": [], "max_row_tokens": 0,
@@ -72,13 +75,42 @@ def measure(out: str, script: str, argv: list[str]):
         engine.sleep, engine.sync_weights = sleep_then_reset, read_then_sync
         return engine
 
-    with mock.patch.object(mod, "make_engine", make_engine), mock.patch.object(mod, "pack_padding_free", pack):
+    # activation checkpointing counted on the model the script builds: a layer forward run with grad outside
+    # backward, and one run again inside it (the recomputation); with checkpointing on, every one is recomputed
+    ac = rec["ac_counts"] = {"grad_forwards": 0, "recomputed": 0}
+    real_load, real_preflight = mod.load_sharded, mod.preflight
+
+    def counted(forward):                     # checkpoint's recomputation runs no module hooks: wrap forward
+        def wrapper(*args, **kwargs):
+            if torch._C._current_graph_task_id() != -1:
+                ac["recomputed"] += 1
+            elif torch.is_grad_enabled():
+                ac["grad_forwards"] += 1
+            return forward(*args, **kwargs)
+        return wrapper
+
+    def load_sharded(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        for layer in unwrap(model).model.layers:
+            layer.forward = counted(layer.forward)
+        return model
+
+    def preflight(*args, **kwargs):
+        rec["preflight"] = real_preflight(*args, **kwargs)
+        return rec["preflight"]
+
+    with mock.patch.object(mod, "make_engine", make_engine), mock.patch.object(mod, "pack_padding_free", pack), \
+            mock.patch.object(mod, "load_sharded", load_sharded), mock.patch.object(mod, "preflight", preflight):
         run_dir = mod.main(argv)
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
-    ac = cfg["activation_checkpointing"]
-    rec |= {"run_dir": run_dir, "activation_checkpointing": cuda if ac is None else ac, "compile": cfg["compile"],
+    on = cuda if cfg["activation_checkpointing"] is None else cfg["activation_checkpointing"]
+    rec |= {"run_dir": run_dir, "activation_checkpointing": on, "compile": cfg["compile"],
             "chunk_size": cfg["chunk_size"], "micro_batch_tokens": cfg["micro_batch_tokens"]}
+    rec["ac_ok"] = ac["grad_forwards"] > 0 and ac["recomputed"] == (ac["grad_forwards"] if on else 0)
+    print(f"[peak_memory] {script}: activation checkpointing {'on' if on else 'off'}: {ac['grad_forwards']} layer "
+          f"forwards with grad, {ac['recomputed']} recomputed in backward: {'OK' if rec['ac_ok'] else 'FAIL'}; "
+          f"preflight {rec.get('preflight', {'ran': False})}")
     peaks = [s["peak_bytes"] for s in rec["steps"]]
     if cuda:
         rec["run_peak_bytes"] = max(rec["run_peak_bytes"], torch.cuda.max_memory_allocated())

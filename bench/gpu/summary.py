@@ -6,7 +6,8 @@
 - weight sync: rollout/logprob_diff_mean and _max of every rl_dapo step, flagged above common/runlog.py's threshold
   (the sampler's log-probs of its own samples against the trainer's, after the engine slept through the update and
   took the new weights: far above bf16's ~0.01-0.02 means it samples from other weights or another law)
-- memory: bench/gpu/peak_memory.py's table (OUT/memory_gpu.json)
+- memory: bench/gpu/peak_memory.py's table (OUT/memory_gpu.json), and per script whether activation checkpointing
+  recomputed every layer forward of the model the script built (counted) and what its preflight measured
 - evaluate: macro accuracy of each checkpoint of the multi-checkpoint run (WORK/eval), and whether the last one's
   samples equal those of its own 1-checkpoint run (WORK/eval_one): the engine that served the others first must
   not change them
@@ -59,6 +60,23 @@ def weight_sync(out: str) -> dict:
                          for r in rows]}
 
 
+def first_contact(measured: list[dict]) -> list[dict]:
+    """Per script: did activation checkpointing recompute every layer forward (counted), and the preflight's
+    measured peak before vLLM started."""
+    rows = []
+    for m in measured:
+        ac, pf = m.get("ac_counts", {}), m.get("preflight") or {"ran": False}
+        rows.append({"script": m["script"], "activation_checkpointing": m["activation_checkpointing"],
+                     "grad_forwards": ac.get("grad_forwards"), "recomputed": ac.get("recomputed"),
+                     "ac_ok": m.get("ac_ok"), "preflight": pf})
+        peak = f"peak {pf['peak_gib']:.2f} GiB, {pf['free_gib']:.1f} GiB free after" if "peak_gib" in pf else \
+            ("ran (no CUDA: not measured)" if pf.get("ran") else "did not run")
+        print(f"{m['script']}: activation checkpointing {'on' if m['activation_checkpointing'] else 'off'}, "
+              f"{ac.get('grad_forwards')} layer forwards with grad, {ac.get('recomputed')} recomputed: "
+              f"{'OK' if m.get('ac_ok') else 'FAIL  <-- CHECK'}; preflight {peak}")
+    return rows
+
+
 def evaluate(work: str) -> dict:
     res, engines = {}, set()
     for path in sorted(glob.glob(os.path.join(work, "eval", "results", "*.json"))):
@@ -109,8 +127,10 @@ def main():
     mem = os.path.join(out, "memory_gpu.json")
     if os.path.exists(mem):
         from peak_memory import print_table
-        summary["memory"] = json.load(open(mem))["rows"]
+        data = json.load(open(mem))
+        summary["memory"] = data["rows"]
         print_table(summary["memory"])
+        summary["first_contact"] = first_contact(data["measured"])
     else:
         print("memory: no estimate (see the log)")
     summary["evaluate"] = evaluate(work)
