@@ -86,16 +86,28 @@ def default_micro_batch_tokens(device_type: str) -> int:
     return 32768 if device_type == "cuda" else 512
 
 
+# transformers compiles flex_attention and its block mask (torch.compile, automatic dynamic shapes), and each
+# of the two frames gets one variant per grad mode x one or several sequences in the row x one or several
+# 128-token blocks, plus static first compiles: 10 on a run's micro-batches (tests/test_flex_attention.py),
+# 13 with --rollout-engine hf generating in the same process. Past dynamo's default recompile_limit of 8 a new
+# variant runs eager flex attention, which materialises B x H x T x T scores (137 GB at 32k tokens of
+# Qwen3-8B): an OOM. The variants are bounded, so allow more.
+FLEX_RECOMPILE_LIMIT = 64
+
+
 def attention_implementation(device_type: str) -> str:
     """The attention kernel for packed rows: flash-attention's varlen kernel when the package is installed on
     CUDA, else flex_attention (block-sparse mask built from the sequence ids) on CUDA, else sdpa (CPU: the
-    block-diagonal mask is materialised, fine at test sizes)."""
+    block-diagonal mask is materialised, fine at test sizes). Choosing flex_attention raises dynamo's
+    recompile_limit to FLEX_RECOMPILE_LIMIT (see above)."""
     if device_type != "cuda":
         return "sdpa"
     try:
         import flash_attn  # noqa: F401
         return "flash_attention_2"
     except ImportError:
+        import torch._dynamo
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
         return "flex_attention"
 
 
