@@ -62,3 +62,29 @@ def test_packed_sdpa_row_pays_for_the_mask(cfg, tmp_path):
     assert peak["rl", "sdpa", "packed"] - peak["rl", "sdpa", "single"] > t * t * 1 / em.GIB   # at least the bool mask
     assert peak["rl", "varlen", "packed"] <= peak["rl", "sdpa", "single"] + 1e-3
     assert all(r["fits_80gb"] for r in rows) and {r["stage"] for r in rows} == {"rl", "reheat", "eval"}
+
+
+def test_the_simulation_runs_the_scripts_own_loader(cfg, monkeypatch):
+    """The model comes from common.loading.load_sharded (issue 17): left in eval mode by the scripts' own code, as
+    it once was, checkpointing recomputes nothing and the simulated activations are those of no checkpointing."""
+    import common.loading as loading
+    real = loading.shard_model
+    ok = em.simulate(cfg, "rl", 2, 4096, True)
+    off = em.simulate(cfg, "rl", 2, 4096, False)
+    monkeypatch.setattr(loading, "shard_model", lambda *a, **kw: real(*a, **kw).eval())
+    bug = em.simulate(cfg, "rl", 2, 4096, True)
+    assert ok["activations"] < 0.7 * bug["activations"]
+    assert bug["activations"] == pytest.approx(off["activations"], rel=0.01)
+
+
+def test_rollout_budget_is_what_is_free_less_the_margin(cfg):
+    from common.rollout import VLLM_MARGIN_GIB
+    n = sum(p.numel() for p in em.make_lm(cfg).parameters())
+    r = em.rollout_budget(cfg, "rl", 2, 80.0, 1.0, 3.0)
+    assert r["params"] == n and r["resident_gib"] == pytest.approx(n * 12 / 2 / em.GIB)
+    assert r["budget_gib"] == pytest.approx(80.0 - 1.0 - r["resident_gib"] - VLLM_MARGIN_GIB)
+    per_token = 2 * SMALL["num_hidden_layers"] * SMALL["num_key_value_heads"] * SMALL["head_dim"] * 2
+    assert r["kv_tokens"] == pytest.approx((r["budget_gib"] - n * 2 / em.GIB - 3.0) * em.GIB / per_token)
+    reheat = em.rollout_budget(cfg, "reheat", 2, 80.0, 1.0, 3.0)    # + the teacher's shards and its bf16 head
+    head = SMALL["vocab_size"] * SMALL["hidden_size"]
+    assert reheat["resident_gib"] - r["resident_gib"] == pytest.approx((n * 4 / 2 + head * 2) / em.GIB)
