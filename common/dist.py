@@ -252,3 +252,31 @@ def full_params(model: nn.Module, dtype: torch.dtype | None = None, names: set |
         if hasattr(t, "full_tensor"):
             t = t.full_tensor()
         yield name, t
+
+
+class LayerCalls:
+    """Counts the decoder-layer forwards of a model: {"grad": run with grad outside backward, "no_grad": run
+    without, "recomputed": run again INSIDE autograd's backward, which is what activation checkpointing does}.
+    With checkpointing on, every grad forward is recomputed once; off (or a model in eval mode), none is. The
+    tests and bench/gpu/check.sh check the scripts' own models with it. forward itself is wrapped: the
+    checkpoint's recomputation runs no module hooks. `close()` restores the class's forward."""
+
+    def __init__(self, model: nn.Module):
+        self.counts = {"grad": 0, "no_grad": 0, "recomputed": 0}
+        self.layers = list(unwrap(model).model.layers)
+        for layer in self.layers:
+            layer.forward = self._counted(layer.forward)
+
+    def _counted(self, forward):
+        def wrapper(*args, **kwargs):
+            if torch._C._current_graph_task_id() != -1:
+                self.counts["recomputed"] += 1
+            else:
+                self.counts["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+            return forward(*args, **kwargs)
+        return wrapper
+
+    def close(self):
+        for layer in self.layers:
+            del layer.forward
+

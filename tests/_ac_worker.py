@@ -13,11 +13,10 @@ import json
 import os
 import sys
 
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common.dist import unwrap  # noqa: E402
+from common.dist import LayerCalls, unwrap  # noqa: E402
 
 
 def main():
@@ -27,23 +26,10 @@ def main():
 
     def watch(model, role):
         layers = unwrap(model).model.layers
+        calls = LayerCalls(model)          # the script's own object: its forwards counted, not re-created
         r = {"role": role, "root_training": model.training, "layers": len(layers),
              "layers_training": [layer.training for layer in layers],
-             "requires_grad": any(p.requires_grad for p in model.parameters()), "grad_forwards": 0, "recomputed": 0,
-             "no_grad_forwards": 0}
-
-        def counted(forward):           # checkpoint's recomputation runs no module hooks: forward itself is wrapped
-            def wrapper(*args, **kwargs):
-                if torch._C._current_graph_task_id() != -1:      # inside autograd's backward: a recomputation
-                    r["recomputed"] += 1
-                elif torch.is_grad_enabled():
-                    r["grad_forwards"] += 1
-                else:
-                    r["no_grad_forwards"] += 1
-                return forward(*args, **kwargs)
-            return wrapper
-        for layer in layers:
-            layer.forward = counted(layer.forward)
+             "requires_grad": any(p.requires_grad for p in model.parameters()), "calls": calls.counts}
         rec["models"].append(r)
         return model
 
@@ -53,6 +39,9 @@ def main():
         real_copy = mod.frozen_copy
         mod.frozen_copy = lambda *a, **kw: watch(real_copy(*a, **kw), "teacher")
     mod.main(argv)
+    for r in rec["models"]:
+        c = r.pop("calls")
+        r |= {"grad_forwards": c["grad"], "recomputed": c["recomputed"], "no_grad_forwards": c["no_grad"]}
     with open(os.path.join(out, f"ac_rank{os.environ.get('RANK', '0')}.json"), "w") as f:
         json.dump(rec, f)
 

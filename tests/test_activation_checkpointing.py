@@ -14,34 +14,20 @@ import pytest
 import torch
 
 from common.batching import pack_padding_free
-from common.dist import DistInfo, unwrap
+from common.dist import DistInfo, LayerCalls, unwrap
 from common.loading import frozen_copy, load_sharded
 from tests._scripts import ROOT, run_script
 from tests.test_rl_dapo import rl_args
 
 
 def count_layer_calls(model, run):
-    """{'grad': grad forwards outside backward, 'recomputed': forwards inside backward} of model's decoder layers
-    while run() executes."""
-    n = {"grad": 0, "recomputed": 0}
-
-    def counted(forward):
-        def wrapper(*args, **kwargs):               # (checkpoint's recomputation runs no module hooks: wrap forward)
-            if torch._C._current_graph_task_id() != -1:
-                n["recomputed"] += 1
-            elif torch.is_grad_enabled():
-                n["grad"] += 1
-            return forward(*args, **kwargs)
-        return wrapper
-    layers = unwrap(model).model.layers
-    for layer in layers:
-        layer.forward = counted(layer.forward)
+    """{'grad': ..., 'recomputed': ...} of model's decoder layers while run() executes (common.dist.LayerCalls)."""
+    calls = LayerCalls(model)
     try:
         run()
     finally:
-        for layer in layers:
-            del layer.forward                           # the class's forward again
-    return n
+        calls.close()
+    return {k: calls.counts[k] for k in ("grad", "recomputed")}
 
 
 def forward_backward(model):

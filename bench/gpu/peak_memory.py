@@ -35,7 +35,7 @@ SCRIPTS = {"rl_dapo": "rl", "reheat_tsopsd": "reheat"}      # script -> the esti
 
 
 def measure(out: str, script: str, argv: list[str]):
-    from common.dist import unwrap
+    from common.dist import LayerCalls
     mod = importlib.import_module(script)
     cuda = torch.cuda.is_available()
     rec = {"script": script, "stage": SCRIPTS[script], "cuda": cuda, "steps": [], "max_row_tokens": 0,
@@ -77,22 +77,11 @@ def measure(out: str, script: str, argv: list[str]):
 
     # activation checkpointing counted on the model the script builds: a layer forward run with grad outside
     # backward, and one run again inside it (the recomputation); with checkpointing on, every one is recomputed
-    ac = rec["ac_counts"] = {"grad_forwards": 0, "recomputed": 0}
-    real_load, real_preflight = mod.load_sharded, mod.preflight
-
-    def counted(forward):                     # checkpoint's recomputation runs no module hooks: wrap forward
-        def wrapper(*args, **kwargs):
-            if torch._C._current_graph_task_id() != -1:
-                ac["recomputed"] += 1
-            elif torch.is_grad_enabled():
-                ac["grad_forwards"] += 1
-            return forward(*args, **kwargs)
-        return wrapper
+    counters, real_load, real_preflight = [], mod.load_sharded, mod.preflight
 
     def load_sharded(*args, **kwargs):
         model = real_load(*args, **kwargs)
-        for layer in unwrap(model).model.layers:
-            layer.forward = counted(layer.forward)
+        counters.append(LayerCalls(model))
         return model
 
     def preflight(*args, **kwargs):
@@ -102,6 +91,8 @@ def measure(out: str, script: str, argv: list[str]):
     with mock.patch.object(mod, "make_engine", make_engine), mock.patch.object(mod, "pack_padding_free", pack), \
             mock.patch.object(mod, "load_sharded", load_sharded), mock.patch.object(mod, "preflight", preflight):
         run_dir = mod.main(argv)
+    c = counters[0].counts
+    ac = rec["ac_counts"] = {"grad_forwards": c["grad"], "recomputed": c["recomputed"]}
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
     on = cuda if cfg["activation_checkpointing"] is None else cfg["activation_checkpointing"]
