@@ -206,10 +206,10 @@ def main(argv=None):
         compute_dtype = torch.bfloat16 if use_bf16(info, args.bf16) else torch.float32      # cast once, then gathered
         teacher_weight = next(t for name, t in full_params(teacher, dtype=compute_dtype, names={head_name})).to(info.device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start_step, cursor = 0, 0
+    start_step, cursor, entropy = 0, 0, None            # entropy: the last step's reheat/student_entropy
     if args.resume:
         state = load_checkpoint(latest_checkpoint(args.resume), student, optimizer)
-        start_step, cursor = state["step"], state["cursor"]
+        start_step, cursor, entropy = state["step"], state["cursor"], state.get("student_entropy")
     logger = MetricsLogger(run_dir, enabled=info.is_main, wandb_project=args.wandb_project or None,
                            tensorboard=args.tensorboard)
     if args.resume:
@@ -262,9 +262,17 @@ def main(argv=None):
            f"world={info.world_size} problems={len(problems)}")
 
     # ------------------------------------------------------------------------- loop
-    pbar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not info.is_main,
+    def target_reached(entropy) -> bool:
+        """--target-entropy reached by the student's mean token entropy on its own rollouts (of the policy that
+        sampled them, before that step's update)."""
+        return args.target_entropy is not None and entropy is not None and entropy >= args.target_entropy
+
+    # resuming a run that stopped on the target (re-checked against this run's --target-entropy) or at --steps:
+    # nothing to do, save as is
+    end_step = start_step if target_reached(entropy) else args.steps
+    pbar = tqdm(range(start_step, end_step), initial=start_step, total=args.steps, disable=not info.is_main,
                 desc="reheat", dynamic_ncols=True)
-    step = start_step - 1                               # resuming a finished run: nothing to do, save as is
+    step = start_step - 1
     for step in pbar:
         t_step = time.time()
         lr_now = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
@@ -337,17 +345,18 @@ def main(argv=None):
         logger.log(step + 1, m)
         pbar.set_postfix(ent=f"{m['reheat/student_entropy']:.3f}", kl=f"{m['reheat/divergence']:.4f}",
                          acc=f"{m['rollout/accuracy']:.3f}")
-        done = step + 1
+        done, entropy = step + 1, m["reheat/student_entropy"]
         if args.save_every and done % args.save_every == 0 and done < args.steps:
-            save_checkpoint(run_dir, done, student, tokenizer, optimizer, {"step": done, "cursor": cursor},
+            save_checkpoint(run_dir, done, student, tokenizer, optimizer,
+                            {"step": done, "cursor": cursor, "student_entropy": entropy},
                             keep_last=args.keep_last, dtype=export_dtype)
-        # the entropy measured this step is that of the policy that sampled (before this update)
-        if args.target_entropy is not None and m["reheat/student_entropy"] >= args.target_entropy:
-            print0(f"[reheat_tsopsd] student entropy {m['reheat/student_entropy']:.4f} >= target {args.target_entropy}: stopping")
+        if target_reached(entropy):
+            print0(f"[reheat_tsopsd] student entropy {entropy:.4f} >= target {args.target_entropy}: stopping")
             break
 
     # ------------------------------------------------------------------------- save
-    save_checkpoint(run_dir, step + 1, student, tokenizer, optimizer, {"step": step + 1, "cursor": cursor},
+    save_checkpoint(run_dir, step + 1, student, tokenizer, optimizer,
+                    {"step": step + 1, "cursor": cursor, "student_entropy": entropy},
                     keep_last=args.keep_last, dtype=export_dtype)
     final = os.path.join(run_dir, "final")
     save_hf(final, student, tokenizer, dtype=export_dtype)

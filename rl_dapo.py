@@ -216,6 +216,14 @@ def dapo_token_loss(logp, old_logp, adv, eps_low, eps_high, dual_clip, tis_weigh
     return loss, clip_hi, clip_lo, dual_hit
 
 
+def token_mean_scales(n_resp: list[int], per_mini: int, world_size: int) -> list[float]:
+    """Per mini-batch of `per_mini` consecutive sequences (n_resp: response tokens of each sequence of the step),
+    the factor that makes a micro-batch's summed token losses its share of the token mean over its whole
+    mini-batch: every micro-batch of it, on every rank. DDP/FSDP average the gradients over ranks, so the factor
+    is world_size / (the mini-batch's response tokens, all ranks): that average is then the global sum / count."""
+    return [world_size / sum(n_resp[lo:lo + per_mini]) for lo in range(0, len(n_resp), per_mini)]
+
+
 def main(argv=None):
     args = parse_args(Args, argv, description=__doc__)
     check_args(args)
@@ -476,8 +484,8 @@ def main(argv=None):
                     old_lp |= dict(zip(part or [], logp.float().split([n_resp[i] for i in part or []])))
                     stats[6:8] += torch.stack([ent.sum(), ent1.sum()]).to(stats) * bool(part)
 
+            scales = token_mean_scales(n_resp, per_mini, info.world_size)   # from global counts: every rank knows them
             for mb in range(n_mini):
-                mb_tokens = sum(n_resp[mb * per_mini:(mb + 1) * per_mini])   # the global count, known to every rank
                 optimizer.zero_grad(set_to_none=True)
                 for part in plan[mb]:
                     idx, real = part or [], float(part is not None)   # a dummy adds 0 to the loss and the stats
@@ -489,9 +497,8 @@ def main(argv=None):
                     tis = (old - slp).exp().clamp(max=args.tis_cap) if args.tis_cap > 0 else None
                     loss_tok, c_hi, c_lo, dual = dapo_token_loss(logp.float(), old, tok_adv, args.eps_low, args.eps_high,
                                                                  args.dual_clip, tis)
-                    # token-level mean over the whole mini-batch on all ranks; DDP/FSDP average gradients over
-                    # ranks, so scale by world size to turn that average back into the global sum / count
-                    loss = loss_tok.sum() * real / mb_tokens * info.world_size
+                    # token-level mean over the whole mini-batch on all ranks (token_mean_scales)
+                    loss = loss_tok.sum() * real * scales[mb]
                     loss.backward()
                     with torch.no_grad():
                         ratio = torch.exp((logp.float() - old).clamp(-20.0, 20.0))

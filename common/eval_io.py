@@ -37,15 +37,20 @@ from common.stats import param_delta
 
 # ============================================================================= generation cache
 
+FINGERPRINT_WHOLE_BYTES = 256 << 20     # a safetensors file up to this size is hashed whole, a larger one sampled
+
+
 def fingerprint(path: str) -> str:
-    """Identity of a checkpoint's weights: a hash of every safetensors file (whole up to 256 MB, else its size and
-    64 evenly spaced 64 KB blocks). A cache written by other weights under the same label is refused."""
+    """Identity of a checkpoint's weights: a hash of every safetensors file (whole up to FINGERPRINT_WHOLE_BYTES,
+    else its size and 64 evenly spaced 64 KB blocks: a training step, which moves every weight, changes them; a
+    change confined to a few tensors may fall between the blocks). A cache written by other weights under the same
+    label is refused."""
     h = hashlib.sha1()
     for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
         size = os.path.getsize(f)
         h.update(f"{os.path.basename(f)}:{size}".encode())
         with open(f, "rb") as fh:
-            if size <= 256 << 20:
+            if size <= FINGERPRINT_WHOLE_BYTES:
                 h.update(fh.read())
                 continue
             for i in range(64):

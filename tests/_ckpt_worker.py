@@ -1,20 +1,22 @@
-"""torchrun worker for tests/test_checkpoint.py: checkpoint round trips under FSDP2 and DDP on gloo.
+"""torchrun worker for tests/test_checkpoint.py: checkpoint round trips under FSDP2 and DDP on gloo, on the scripts'
+own model: common.loading.load_sharded (FSDP2: built on the meta device, each decoder layer and then the
+LMWithHead root sharded by common.dist.shard_model, filled by rank 0's broadcast; DDP: shard_model's DDP around the
+LMWithHead root), names with the root's "lm." prefix, the loss computed by a head inside the root's forward.
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 tests/_ckpt_worker.py MODEL_DIR OUT_DIR [PLAIN_CKPT]
 
-- fsdp: `fully_shard` each layer, then a root that holds the HF model as `.lm` (as common/dist.py's
-  LMWithHead does, so names carry an "lm." prefix); train 2 steps, save with a bf16 HF export, load into
-  a fresh sharded model and optimizer: this rank's parameter and optimizer shards (fp32, from resume/model/)
-  and its RNG draws must be equal. The save gathers bf16 shards only (cast before the gather). Rank 0
-  loads the HF dir in plain transformers: bf16, equal to the gathered fp32 weights rounded, lm_head not
-  written. count_params of the sharded model (DTensor numel is global) is the plain model's.
-- ddp: the same with DDP around the bare HF model and an export as held (fp32); rank 0 loads the HF dir:
-  the DDP model's logits.
+- fsdp: train 2 steps, save with a bf16 HF export, load into a fresh sharded model and optimizer: this rank's
+  parameter and optimizer shards (fp32, from resume/model/) and its RNG draws must be equal. The save gathers
+  bf16 shards only (cast before the gather). Rank 0 loads the HF dir in plain transformers: bf16, equal to the
+  gathered fp32 weights rounded, lm_head not written. count_params of the sharded model (DTensor numel is
+  global) is the plain model's.
+- ddp: the same under the scripts' DDP wrapping and an export as held (fp32); rank 0 loads the HF dir: the DDP
+  model's logits.
 - cross: the fsdp checkpoint into a fresh DDP model: the full weights and optimizer state must equal the
   FSDP2 run's gathered ones (checkpoints are keyed by HF names, DCP reshards). Rank 0 writes those to
   OUT_DIR/fsdp_full.pt with the checkpoint's path, for the test to resume it in one process.
-- plain (with PLAIN_CKPT, a one-process checkpoint; PLAIN_CKPT/../../full.pt holds its full state): resumed
-  under FSDP2, the gathered weights and optimizer state must equal it.
+- plain (with PLAIN_CKPT, a one-process checkpoint of the scripts' one-process model; PLAIN_CKPT/../../full.pt holds
+  its full state): resumed under FSDP2, the gathered weights and optimizer state must equal it.
 - run_dir: make_run_dir gives every rank rank 0's path; save_checkpoint copies its config.json in.
 
 Each rank writes OUT_DIR/result_rank{r}.json ({check: bool}); the exit code is 1 if any check failed.
@@ -27,46 +29,35 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.checkpoint import count_params, latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from common.dist import init_distributed  # noqa: E402
+from common.loading import load_sharded  # noqa: E402
 from common.runlog import make_run_dir  # noqa: E402
 
-
-class Root(nn.Module):
-    """A training root around the HF model, like LMWithHead: its names are "lm.<HF name>"."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, **kwargs):
-        return self.lm(**kwargs)
+INFO = None
 
 
 def build(model_dir, mode):
-    from transformers import AutoModelForCausalLM
-    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if mode == "fsdp":
-        model = Root(lm)
-        for layer in lm.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    else:
-        model = DistributedDataParallel(lm)
+    """The scripts' model (load_sharded, as rl_dapo.py and reheat_tsopsd.py call it) and an AdamW on it."""
+    model = load_sharded(model_dir, INFO, mode)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def lm_loss(model, ids):
+    """Next-token cross-entropy, computed by a head inside the root's forward as the scripts' heads are."""
+    return model(ids, head=lambda h, w: F.cross_entropy((h[:, :-1] @ w.T).flatten(0, 1), ids[:, 1:].flatten()))
 
 
 def train(model, opt, rank):
     g = torch.Generator().manual_seed(rank)   # different data per rank, as in training
     for _ in range(2):
         ids = torch.randint(0, 300, (2, 12), generator=g)
-        model(input_ids=ids, labels=ids).loss.backward()
+        lm_loss(model, ids).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -121,10 +112,11 @@ def same_shards(model, opt, fresh, fresh_opt):
 
 
 def main():
+    global INFO
     model_dir, out_dir = sys.argv[1], sys.argv[2]
     plain_ckpt = sys.argv[3] if len(sys.argv) > 3 else None
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    INFO = init_distributed("cpu")
+    rank = INFO.rank
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
     checks = {}
@@ -179,7 +171,7 @@ def main():
             # The HF dir (fp32, as held) in a plain process gives the DDP model's logits.
             ids = torch.arange(2, 26).view(2, 12)
             with torch.no_grad():
-                ddp_logits = fresh(input_ids=ids).logits
+                ddp_logits = fresh(ids, head=lambda h, w: h @ w.T)
             if rank == 0:
                 plain = AutoModelForCausalLM.from_pretrained(ckpt)
                 with torch.no_grad():

@@ -1,5 +1,7 @@
 """Helpers for the end-to-end tests of the training scripts: run one in a subprocess (plain or under
-torchrun on gloo), read what it wrote, and compare two runs."""
+torchrun on gloo) or in this process with its rollouts recorded (run_in_process), read what it wrote, and compare
+two runs; `python tests/_scripts.py SCRIPT OUT ARGV...` runs a script with the models it builds inspected."""
+import dataclasses
 import math
 import os
 import subprocess
@@ -122,3 +124,121 @@ def run_two_nodes(script: str, args: list, *, timeout: int = 420):
             raise AssertionError(f"node {node}: {script} exited {p.returncode}\n--- stdout\n{out[-3000:]}\n"
                                  f"--- stderr\n{err[-6000:]}")
     return outs
+
+
+# ----------------------------------------------------------------------------- a script's own main(), in this process
+
+def run_in_process(module, argv: list) -> list[dict]:
+    """module.main(argv) in this process (one thread, as run_script's subprocess), recording every generate call of
+    the rollout engine it builds itself (its own make_engine): [{"step": weight syncs before the call (the steps
+    done), "prompts", "n", "temperature", "seeds", "groups": [[sample as a dict]]}]. Nothing of the script is
+    re-created; the records are what it sampled, for tests to recount what it logs."""
+    calls, syncs = [], [0]
+    real_make = module.make_engine
+
+    def recording_engine(*a, **kw):
+        engine = real_make(*a, **kw)
+        generate, sync = engine.generate, engine.sync_weights
+
+        def recorded_generate(prompts, *, n, temperature, seeds, **rest):
+            groups = generate(prompts, n=n, temperature=temperature, seeds=seeds, **rest)
+            calls.append({"step": syncs[0], "prompts": list(prompts), "n": n, "temperature": temperature,
+                          "seeds": list(seeds), "groups": [[dataclasses.asdict(s) for s in g] for g in groups]})
+            return groups
+
+        def counted_sync(model):
+            sync(model)
+            syncs[0] += 1
+        engine.generate, engine.sync_weights = recorded_generate, counted_sync
+        return engine
+
+    threads, precision, sys_argv = torch.get_num_threads(), torch.get_float32_matmul_precision(), sys.argv
+    module.make_engine = recording_engine
+    torch.set_num_threads(1)
+    sys.argv = [module.__file__, *map(str, argv)]           # the run directory records the command and the script
+    try:
+        module.main([str(a) for a in argv])
+    finally:
+        module.make_engine, sys.argv = real_make, sys_argv
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
+    return calls
+
+
+def grade_recorded(calls: list[dict], data_path: str) -> list[list[list[float]]]:
+    """Correctness (1/0) of every recorded sample, [call][group][sample], graded here against the data file's
+    answers (prompt style plain: the prompt is the problem text and a newline; a response cut at the length limit
+    is wrong, the scripts' default)."""
+    from common.data import load_problems, render_prompt
+    from common.grading import grade_batch, truncated_is_wrong
+    answer = {render_prompt(p, None, "plain"): p.answer for p in load_problems(data_path)}
+    out = []
+    for c in calls:
+        samples = [s for g in c["groups"] for s in g]
+        truths = [answer[p] for p, g in zip(c["prompts"], c["groups"]) for _ in g]
+        flat = truncated_is_wrong(grade_batch([s["text"] for s in samples], truths, num_workers=0),
+                                  [s["finish_reason"] for s in samples])
+        it = iter(flat)
+        out.append([[next(it) for _ in g] for g in c["groups"]])
+    return out
+
+
+def sampled_nll(model_dir: str, samples: list[dict], temperature: float) -> tuple[float, int]:
+    """(sum of -log p(sampled token) under softmax(logits / temperature), token count) over samples, each scored
+    alone by a float64 forward of the HF checkpoint model_dir: the sampler's log-probs recomputed independently."""
+    from transformers import AutoModelForCausalLM
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in samples:
+            p, r = s["prompt_ids"], s["response_ids"]
+            z = lm(torch.tensor([p + r])).logits[0, len(p) - 1:-1] / temperature
+            total -= torch.log_softmax(z, -1).gather(1, torch.tensor(r)[:, None]).sum().item()
+            count += len(r)
+    return total, count
+
+
+# ----------------------------------------------------------------------------- the scripts' models, inspected
+
+def inspect_models_main():
+    """`python tests/_scripts.py SCRIPT OUT_DIR ARGV...` (plain or under torchrun): the script's own main() with its
+    load_sharded wrapped, so what is read is the very object it trains; writes OUT_DIR/models_rank{r}.json, per
+    model built: the wrapper, the root's and every decoder layer's FSDP2 MixedPrecisionPolicy (the one its
+    gradient reduction uses), the root's bf16-autocast flag, the dtypes its parameters are held in."""
+    import importlib
+    import json
+    sys.path.insert(0, ROOT)
+    from common.dist import unwrap
+    script, out, *argv = sys.argv[1:]
+    mod = importlib.import_module(script)
+    models = []
+
+    def policy(module):
+        state = getattr(module, "_get_fsdp_state", None)
+        if state is None:
+            return None
+        group = state()._fsdp_param_group
+        mp = group.mp_policy if group is not None else state()._mp_policy
+        return {"param_dtype": str(mp.param_dtype), "reduce_dtype": str(mp.reduce_dtype)}
+
+    def inspect(model):
+        from torch.distributed.fsdp import FSDPModule
+        from common.dist import LMWithHead
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        root = model.module if ddp else model
+        models.append({"wrapper": "ddp" if ddp else "fsdp" if isinstance(model, FSDPModule) else "none",
+                       "root": "LMWithHead" if isinstance(root, LMWithHead) else type(root).__name__,
+                       "autocast_bf16": getattr(root, "autocast_bf16", None), "root_policy": policy(root),
+                       "layer_policies": [policy(layer) for layer in unwrap(model).model.layers],
+                       "param_dtypes": sorted({str(p.dtype) for p in model.parameters()})})
+        return model
+
+    real_load = mod.load_sharded
+    mod.load_sharded = lambda *a, **kw: inspect(real_load(*a, **kw))
+    mod.main(argv)
+    with open(os.path.join(out, f"models_rank{os.environ.get('RANK', '0')}.json"), "w") as f:
+        json.dump(models, f)
+
+
+if __name__ == "__main__":
+    inspect_models_main()

@@ -63,10 +63,40 @@ def adam_state(model, opt):
     return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))["state"]
 
 
+def lm_loss(model, ids):
+    """Next-token cross-entropy of the scripts' root, computed by a head inside its forward as the scripts' are."""
+    import torch.nn.functional as F
+    return model(ids, head=lambda h, w: F.cross_entropy((h[:, :-1] @ w.T).flatten(0, 1), ids[:, 1:].flatten()))
+
+
+def scripts_model_trained(model_dir, steps=2):
+    """The scripts' one-process model (load_sharded: from_pretrained, then shard_model's LMWithHead root) after a few
+    AdamW steps (as the scripts build their optimizer: on the root's parameters)."""
+    from transformers import AutoTokenizer
+    from common.dist import DistInfo
+    from common.loading import load_sharded
+    model = load_sharded(model_dir, DistInfo(), "fsdp")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        lm_loss(model, torch.randint(0, 300, (2, 12), generator=g)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, AutoTokenizer.from_pretrained(model_dir), opt
+
+
+def hf_names(state):
+    """A state dict of the scripts' root keyed by HF names (without LMWithHead's "lm.")."""
+    return {k.removeprefix("lm."): v for k, v in state.items()}
+
+
 @pytest.mark.parametrize("export", [None, torch.bfloat16], ids=["fp32_export", "bf16_export"])
 def test_round_trip_restores_weights_optimizer_rng_and_state(export, tiny, tmp_path):
-    """Exact (bitwise fp32 weights) from resume/model/ even when the HF export next to it is bf16."""
-    model, tok, opt = trained(tiny["model"])
+    """Exact (bitwise fp32 weights) from resume/model/ even when the HF export next to it is bf16; the scripts'
+    one-process model (load_sharded: the LMWithHead root, names with its "lm." prefix) and optimizer."""
+    from common.dist import DistInfo
+    from common.loading import load_sharded
+    model, tok, opt = scripts_model_trained(tiny["model"])
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     ckpt = save_checkpoint(str(tmp_path), 7, model, tok, opt, {"cursor": 123, "config": {"lr": 1e-2}}, dtype=export)
     assert safetensors_dtypes(ckpt) == {"BF16" if export else "F32"}
@@ -75,7 +105,7 @@ def test_round_trip_restores_weights_optimizer_rng_and_state(export, tiny, tmp_p
     assert ckpt == str(tmp_path / "checkpoints" / "step_000007") == latest_checkpoint(str(tmp_path))
     expected = draws()
 
-    fresh, _ = load(tiny["model"])
+    fresh = load_sharded(tiny["model"], DistInfo(), "fsdp")
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=5.0)
     draws()                                         # move every generator on; loading must rewind them
     state = load_checkpoint(ckpt, fresh, fresh_opt)
@@ -91,7 +121,7 @@ def test_round_trip_restores_weights_optimizer_rng_and_state(export, tiny, tmp_p
     # and the resumed optimizer takes the same next step
     ids = torch.arange(2, 14).view(1, 12)
     for m, o in ((model, opt), (fresh, fresh_opt)):
-        m(input_ids=ids, labels=ids).loss.backward()
+        lm_loss(m, ids).backward()
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
 
@@ -306,12 +336,14 @@ def test_clear_errors(tiny, tmp_path):
 
 
 def test_torchrun_fsdp2_and_ddp(tiny, tmp_path):
-    """2 processes on gloo: FSDP2 (bf16 export) and DDP round trips, FSDP2 -> DDP resharding, a one-process
-    checkpoint resumed under FSDP2, HF exports (see the worker); then the FSDP2 checkpoint resumed here, in
-    one process without a process group."""
-    model, tok, opt = trained(tiny["model"])
+    """2 processes on gloo, the scripts' own model (load_sharded) under FSDP2 and DDP: round trips (FSDP2 with a
+    bf16 export), FSDP2 -> DDP resharding, a checkpoint of the scripts' one-process model resumed under FSDP2, HF
+    exports (see the worker); then the FSDP2 checkpoint resumed here, into the one-process model, without a
+    process group."""
+    model, tok, opt = scripts_model_trained(tiny["model"])
     plain_ckpt = save_checkpoint(str(tmp_path / "plain"), 2, model, tok, opt, dtype=torch.bfloat16)
-    torch.save({"params": dict(model.state_dict()), "optim": adam_state(model, opt)}, tmp_path / "plain" / "full.pt")
+    torch.save({"params": hf_names(model.state_dict()), "optim": hf_names(adam_state(model, opt))},
+               tmp_path / "plain" / "full.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "tests", "_ckpt_worker.py"), tiny["model"], str(tmp_path), plain_ckpt]
@@ -328,12 +360,14 @@ def test_torchrun_fsdp2_and_ddp(tiny, tmp_path):
         "plain_to_fsdp_optim"}
 
     fsdp = torch.load(tmp_path / "fsdp_full.pt", weights_only=True)
-    one, _ = load(tiny["model"])
+    from common.dist import DistInfo
+    from common.loading import load_sharded
+    one = load_sharded(tiny["model"], DistInfo(), "fsdp")
     one_opt = torch.optim.AdamW(one.parameters(), lr=5.0)
     load_checkpoint(fsdp["ckpt"], one, one_opt)
-    got = one.state_dict()
+    got = hf_names(one.state_dict())
     assert got.keys() == fsdp["params"].keys() and all(torch.equal(got[k], fsdp["params"][k]) for k in got)
-    got = adam_state(one, one_opt)
+    got = hf_names(adam_state(one, one_opt))
     assert got.keys() == fsdp["optim"].keys() and all(
         torch.equal(got[k][n], fsdp["optim"][k][n]) for k in got for n in ("exp_avg", "exp_avg_sq", "step"))
 

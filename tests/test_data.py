@@ -174,3 +174,23 @@ def test_gated_gpqa_says_how_to_get_access(monkeypatch, error):
     msg = str(e.value)
     assert "gated" in msg and "https://huggingface.co/datasets/Idavidrein/gpqa" in msg
     assert "licence" in msg and "hf auth login" in msg and "HF_TOKEN" in msg and "\n" not in msg
+
+
+def test_cycle_problems_is_one_seeded_permutation_per_epoch_and_the_cursor_continues_it():
+    """The training stream (rl_dapo.py and reheat_tsopsd.py draw their prompts from it): over two epochs every
+    problem comes once per epoch, the two epochs in different orders; the order is fixed by (seed, cursor) alone,
+    another seed gives another; and drawing from an advanced cursor continues the stream (what a resumed run and
+    every next generation batch rely on)."""
+    from common.data import cycle_problems
+    problems = [f"p{i}" for i in range(10)]
+    stream = cycle_problems(problems, 7, 0, 20)
+    first, second = stream[:10], stream[10:]
+    assert sorted(first) == sorted(second) == sorted(problems)            # each problem once per epoch
+    assert first != second and first != problems                          # each epoch its own shuffle
+    assert cycle_problems(problems, 7, 0, 20) == stream                    # fixed by the seed ...
+    assert cycle_problems(problems, 8, 0, 20) != stream                    # ... and only by it
+    for cursor, count in ((0, 3), (3, 4), (7, 6), (13, 7), (10, 10)):      # ... and the cursor: a continuation
+        assert cycle_problems(problems, 7, cursor, count) == stream[cursor:cursor + count], (cursor, count)
+    pieces = [cycle_problems(problems, 7, c, 3) for c in range(0, 18, 3)]  # batches of 3 drawn one after another
+    assert sum(pieces, []) == stream[:18]
+    assert cycle_problems(problems, 7, 20, 10) not in (first, second)      # a third epoch, a third order

@@ -289,16 +289,66 @@ def test_resume_regenerates_only_what_is_missing(tiny, one_process_eval, tmp_pat
     run(out, *argv)
     assert metrics_of(out) == metrics_of(one_process_eval)
 
-    meta = cache.with_suffix(".meta.json")                # a cache sampled from other weights is refused
-    meta.write_text(json.dumps(load(meta) | {"fingerprint": "0" * 16}))
+    # the same weights under another path keep the cache (nothing generated: forbid_generation still holds) ...
+    same = shutil.copytree(tiny["model"], tmp_path / "same")
+    run(out, *argv[:1], f"m={same}", *argv[2:])
+    # ... weights one training step away do not: a cache sampled from other weights is refused
     with pytest.raises(SystemExit, match="other weights"):
-        run(out, *argv)
+        run(out, *argv[:1], f"m={trained_copy(tiny['model'], tmp_path / 'stepped')}", *argv[2:])
+
+
+def trained_copy(model_dir, dst):
+    """model_dir after one AdamW step (weight decay 0.1: every weight moves, as in training), saved to dst."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-4, weight_decay=0.1)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    lm(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    lm.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(dst)
+    return str(dst)
+
+
+@pytest.mark.parametrize("branch", ["whole", "sampled"])
+def test_fingerprint_changes_with_the_weights(branch, tiny, tmp_path, monkeypatch):
+    """fingerprint() (the cache's guard against samples of other weights): equal for a copy of the same weights,
+    different after one training step; also in the branch a real 4B/8B safetensors file takes (larger than
+    FINGERPRINT_WHOLE_BYTES: size + 64 sampled blocks), run here by lowering the threshold below the file's size."""
+    import common.eval_io as eval_io
+    model = tiny["model"]
+    whole = eval_io.fingerprint(model)
+    size = os.path.getsize(os.path.join(model, "model.safetensors"))
+    if branch == "sampled":
+        monkeypatch.setattr(eval_io, "FINGERPRINT_WHOLE_BYTES", size // 100)
+        assert eval_io.fingerprint(model) != whole                     # other bytes hashed: the other branch ran
+    else:
+        assert size <= eval_io.FINGERPRINT_WHOLE_BYTES
+    copy = shutil.copytree(model, tmp_path / "copy")
+    stepped = trained_copy(model, tmp_path / "stepped")
+    assert os.path.getsize(os.path.join(stepped, "model.safetensors")) == size   # same layout, only values moved
+    assert eval_io.fingerprint(copy) == eval_io.fingerprint(model)
+    assert eval_io.fingerprint(stepped) != eval_io.fingerprint(model)
+
+
+def test_the_seed_changes_the_samples_and_the_same_seed_repeats_them(tiny, one_process_eval, tmp_path):
+    """--seed reaches every problem's sampling seed: another seed, other samples (else `--arms` over training seeds
+    would compare identical samples); the same seed in a fresh output directory, the same samples."""
+    argv = ["--ckpt", f"m={tiny['model']}", *[a.format(test=tiny["test"]) for a in RESUME]]
+    run(tmp_path / "s0", *argv)
+    run(tmp_path / "s1", *argv, "--seed", "1")
+    read = lambda o: evaluate.read_cache(str(next((o / "generations" / "m").glob("*.jsonl"))))   # noqa: E731
+    base, again, other = read(one_process_eval), read(tmp_path / "s0"), read(tmp_path / "s1")
+    assert again == base
+    assert other.keys() == base.keys()                                   # the same problems ...
+    texts = lambda rows: [s["text"] for pid in sorted(rows) for s in rows[pid]["samples"]]   # noqa: E731
+    assert texts(other) != texts(base)                                   # ... sampled otherwise
 
 
 def test_two_ranks_sample_what_one_rank_samples(tiny, one_process_eval, tmp_path):
     """Per-problem seeds: torchrun with 2 ranks writes the same samples as 1 process."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "evaluate.py"), "--ckpt", f"m={tiny['model']}",
            *[a.format(test=tiny["test"]) for a in RESUME], *FAST, "--out", str(out)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,

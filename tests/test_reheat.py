@@ -1,5 +1,6 @@
 """reheat_tsopsd.py: the closed form, the direction of the reheat (tau > 1 heats, tau < 1 cools), every
 teacher and divergence, torchrun FSDP2 vs one process, resume, loadable outputs, and bad input."""
+import math
 import os
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 import reheat_tsopsd
 from tests._scripts import (assert_finite_row, assert_rows_match, assert_same_weights, fixed_sequences,
-                            mean_token_entropy, metrics, run_script, weights)
+                            mean_token_entropy, metrics, run_in_process, run_script)
 
 # ----------------------------------------------------------------------------- the closed form
 
@@ -79,11 +80,16 @@ def fixed(tiny_warm):
     return seqs, tok.pad_token_id, mean_token_entropy(tiny_warm["model"], seqs, tok.pad_token_id)
 
 
+ROLLOUTS = {}          # run directory -> what its engine sampled (run_in_process), for the runs made in this process
+
+
 @pytest.fixture(scope="module")
 def reheat_up(tiny_warm, tmp_path_factory):
-    """The paper's setting on the warm tiny model: frozen teacher, reverse KL, tau = 2, two steps."""
+    """The paper's setting on the warm tiny model: frozen teacher, reverse KL, tau = 2, two steps; the script's own
+    main() run in this process, its rollouts recorded."""
     out = str(tmp_path_factory.mktemp("reheat"))
-    run_script("reheat_tsopsd.py", reheat_args(tiny_warm["model"], tiny_warm["train"], out, "up", "--tau", 2))
+    calls = run_in_process(reheat_tsopsd, reheat_args(tiny_warm["model"], tiny_warm["train"], out, "up", "--tau", 2))
+    ROLLOUTS[os.path.join(out, "up")] = calls
     return os.path.join(out, "up")
 
 
@@ -123,13 +129,37 @@ def test_tau_half_online_teacher_lowers_entropy(tiny_warm, fixed, tmp_path):
     assert end < start - 0.005, f"entropy on fixed text {start:.4f} -> {end:.4f}"
 
 
+def jsd_to_teacher(student_dir, teacher_dir, seqs, tau, beta):
+    """Float64 reference: mean over the response positions of seqs of beta KL(p_t || M) + (1 - beta) KL(p_s || M),
+    M = (1 - beta) p_s + beta p_t, p_s = softmax(z_student), p_t = softmax(z_teacher / tau)."""
+    from transformers import AutoModelForCausalLM
+    from common.rollout import pack_sequences
+    ids, attn, pred, _ = pack_sequences(seqs, 0, "cpu")
+    with torch.no_grad():
+        z = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64)(ids, attention_mask=attn).logits[pred]
+             for d in (student_dir, teacher_dir)]
+    logp_s, logp_t = torch.log_softmax(z[0], -1), torch.log_softmax(z[1] / tau, -1)
+    log_m = torch.logsumexp(torch.stack([logp_s + math.log(1 - beta), logp_t + math.log(beta)]), 0)
+    kl = lambda lp: (lp.exp() * (lp - log_m)).sum(-1)          # noqa: E731
+    return float((beta * kl(logp_t) + (1 - beta) * kl(logp_s)).mean())
+
+
 @pytest.mark.slow
-def test_jsd_runs_one_step(tiny_warm, tmp_path):
-    run_script("reheat_tsopsd.py", reheat_args(tiny_warm["model"], tiny_warm["train"], str(tmp_path), "jsd",
-                                               "--tau", 1.5, "--divergence", "jsd", "--beta", 0.3, steps=1))
-    check_rows(os.path.join(tmp_path, "jsd"), 1)
-    before, after = weights(tiny_warm["model"]), weights(os.path.join(tmp_path, "jsd", "final"))
-    assert max((before[k] - after[k]).abs().max().item() for k in before) > 1e-5
+def test_jsd_step_logs_the_jsd_and_lowers_it(tiny_warm, fixed, tmp_path):
+    """--divergence jsd --beta 0.3: the divergence logged at step 1 is the float64 JSD(beta) between the start model
+    and its own softmax(z / tau) (the frozen teacher) over the response tokens the step sampled (recorded), and the
+    step's update (lr 3e-4: Adam's first step moves every weight by ~lr) lowered that JSD on fixed text it never
+    sampled."""
+    start = tiny_warm["model"]
+    calls = run_in_process(reheat_tsopsd, reheat_args(start, tiny_warm["train"], str(tmp_path), "jsd", "--tau", 1.5,
+                                                      "--divergence", "jsd", "--beta", 0.3, "--lr", 3e-4, steps=1))
+    row = check_rows(os.path.join(tmp_path, "jsd"), 1)[0]
+    sampled = [(s["prompt_ids"], s["response_ids"]) for c in calls for g in c["groups"] for s in g]
+    assert row["reheat/divergence"] == pytest.approx(jsd_to_teacher(start, start, sampled, 1.5, 0.3), rel=1e-4)
+    seqs, _, _ = fixed
+    before = jsd_to_teacher(start, start, seqs, 1.5, 0.3)
+    after = jsd_to_teacher(os.path.join(tmp_path, "jsd", "final"), start, seqs, 1.5, 0.3)
+    assert after < 0.97 * before, (before, after)          # seen: -6%
 
 
 @pytest.mark.slow
@@ -178,6 +208,44 @@ def test_resume_reproduces_the_straight_run(reheat_up, tiny_warm, tmp_path):
     assert sorted(os.listdir(os.path.join(split, "checkpoints"))) == ["step_000001", "step_000002"]
     assert [r["step"] for r in metrics(split)] == [1, 2]
     assert_same_weights(os.path.join(reheat_up, "final"), os.path.join(split, "final"), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_target_entropy_stops_the_run_and_its_resume(reheat_up, tiny_warm, tmp_path):
+    """--target-entropy between the student entropies of reheat_up's steps 1 and 2 (the same seed and flags), with
+    --steps 4: the run is reheat_up's first two steps and stops there (its checkpoint is step 2's, so are its
+    weights); a resume of it (same flags) trains nothing more: no third step, no new checkpoint, the same weights."""
+    e1, e2 = [r["reheat/student_entropy"] for r in metrics(reheat_up)]
+    assert e2 > e1
+    run = os.path.join(tmp_path, "target")
+    run_in_process(reheat_tsopsd, reheat_args(tiny_warm["model"], tiny_warm["train"], str(tmp_path), "target",
+                                              "--tau", 2, "--target-entropy", (e1 + e2) / 2, steps=4))
+    assert_rows_match(metrics(reheat_up), metrics(run), rel=1e-6)
+    assert os.listdir(os.path.join(run, "checkpoints")) == ["step_000002"]
+    assert_same_weights(os.path.join(reheat_up, "final"), os.path.join(run, "final"), atol=1e-6)
+    assert run_in_process(reheat_tsopsd, ["--resume", run]) == []           # nothing sampled
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+    assert os.listdir(os.path.join(run, "checkpoints")) == ["step_000002"]
+    assert_same_weights(os.path.join(reheat_up, "final"), os.path.join(run, "final"), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_seed_changes_the_run_and_the_stream_advances(reheat_up, tiny_warm, tmp_path):
+    """reheat_up's two steps drew the data stream's first 8 problems in order (the cursor advances); with --seed 1
+    step 1 draws other problems with other sampling seeds, samples otherwise and logs another step."""
+    from common.data import cycle_problems, load_problems, render_prompt
+    base = ROLLOUTS[reheat_up]
+    drawn = [p for c in base for p in c["prompts"]]
+    stream = cycle_problems(load_problems(tiny_warm["train"]), 0, 0, 8)
+    assert drawn == [render_prompt(p, None, "plain") for p in stream]
+    [other] = run_in_process(reheat_tsopsd, reheat_args(tiny_warm["model"], tiny_warm["train"], str(tmp_path), "seed1",
+                                                        "--tau", 2, "--seed", 1, steps=1))
+    assert other["prompts"] != base[0]["prompts"]
+    assert not set(other["seeds"]) & {x for c in base for x in c["seeds"]}
+    texts = lambda c: [[s["text"] for s in g] for g in c["groups"]]          # noqa: E731
+    assert texts(other) != texts(base[0])
+    row, ref = metrics(os.path.join(tmp_path, "seed1"))[0], metrics(reheat_up)[0]
+    assert row["reheat/student_entropy"] != ref["reheat/student_entropy"]
 
 
 # ----------------------------------------------------------------------------- bad input: clear, early, non-zero

@@ -9,8 +9,8 @@ import torch
 
 import rl_dapo
 from common.rollout import pack_sequences
-from tests._scripts import (assert_finite_row, assert_rows_match, assert_same_weights, metrics,
-                            run_script, weights)
+from tests._scripts import (ROOT, assert_finite_row, assert_rows_match, assert_same_weights, grade_recorded, metrics,
+                            run_in_process, run_script, sampled_nll, weights)
 
 # ----------------------------------------------------------------------------- rewards and advantages
 
@@ -142,11 +142,14 @@ def test_dapo_token_loss_matches_float64_reference(dual_clip, with_tis):
 
 
 def test_microbatch_split_gives_the_global_token_mean_gradient():
-    """The script's `loss_tok.sum() / mb_tokens * world_size` per micro-batch, summed by backward (and averaged
-    over ranks by DDP/FSDP), is the gradient of the token mean over the whole mini-batch, not the mean of the
-    micro-batch means, nor the mean of the per-sequence means. A linear policy on sequences of different lengths."""
+    """The script's normaliser, rl_dapo.token_mean_scales, applied as the script applies it (each micro-batch's
+    summed token losses times its mini-batch's factor, summed by backward, averaged over ranks by DDP/FSDP), gives
+    the gradient of the token mean over each whole mini-batch: not the mean of the micro-batch means, nor of the
+    per-sequence means, nor the token mean over the whole step's tokens (which only rescales the gradient, so an
+    Adam run cannot see it: the gradients themselves are compared). A linear policy, sequences of different lengths,
+    a step of two mini-batches of three sequences."""
     g = torch.Generator().manual_seed(0)
-    H, V, lengths = 8, 13, [3, 11, 1, 6, 4, 9]
+    H, V, lengths, per_mini = 8, 13, [3, 11, 1, 6, 4, 9], 3
     w0 = torch.randn(V, H, generator=g, dtype=torch.float64)
     hid = [torch.randn(n, H, generator=g, dtype=torch.float64) for n in lengths]
     tgt = [torch.randint(V, (n,), generator=g) for n in lengths]
@@ -166,28 +169,26 @@ def test_microbatch_split_gives_the_global_token_mean_gradient():
         fn(w)
         return w.grad
 
-    everything = range(len(lengths))
-    reference = grad_of(lambda w: token_losses(w, everything).mean().backward())
-    total = sum(lengths)
+    minis = [list(range(lo, lo + per_mini)) for lo in range(0, len(lengths), per_mini)]
+    assert rl_dapo.token_mean_scales(lengths, per_mini, 1) == pytest.approx([1 / 15, 1 / 19])
+    for mb, mini in enumerate(minis):
+        reference = grad_of(lambda w: token_losses(w, mini).mean().backward())    # the token mean, float64
 
-    def script_pattern(w, micro):                       # one process, micro-batches of `micro` sequences
-        for s in range(0, len(lengths), micro):
-            (token_losses(w, range(s, min(s + micro, len(lengths)))).sum() / total * 1).backward()
-    for micro in (1, 2, 4):
-        torch.testing.assert_close(grad_of(lambda w: script_pattern(w, micro)), reference, rtol=1e-10, atol=1e-12)
+        def script_pattern(w, micro, world=1, part=mini):    # micro-batches of `micro` sequences of this rank's part
+            scale = rl_dapo.token_mean_scales(lengths, per_mini, world)[mb]
+            for s in range(0, len(part), micro):
+                (token_losses(w, part[s:s + micro]).sum() * scale).backward()
+        for micro in (1, 2, 3):
+            torch.testing.assert_close(grad_of(lambda w: script_pattern(w, micro)), reference, rtol=1e-10, atol=1e-12)
+        # two "ranks" with different token counts: each scales by its factor, DDP/FSDP average the gradients
+        per_rank = [grad_of(lambda w, r=r: script_pattern(w, 1, 2, r)) for r in (mini[:1], mini[1:])]
+        torch.testing.assert_close((per_rank[0] + per_rank[1]) / 2, reference, rtol=1e-10, atol=1e-12)
 
-    # two "ranks" with different token counts: each scales by world_size, DDP/FSDP average the gradients
-    ranks = [[0, 1, 2], [3, 4, 5]]
-    per_rank = [grad_of(lambda w, r=r: (token_losses(w, r).sum() / total * 2).backward()) for r in ranks]
-    torch.testing.assert_close((per_rank[0] + per_rank[1]) / 2, reference, rtol=1e-10, atol=1e-12)
-
-    # the aggregations it must not be
-    mean_of_micro_means = grad_of(lambda w: sum(token_losses(w, range(s, s + 2)).mean() / 3
-                                                for s in (0, 2, 4)).backward())
-    mean_of_seq_means = grad_of(lambda w: sum(token_losses(w, [i]).mean() / len(lengths)
-                                              for i in everything).backward())
-    assert not torch.allclose(mean_of_micro_means, reference, rtol=1e-3)
-    assert not torch.allclose(mean_of_seq_means, reference, rtol=1e-3)
+        # the aggregations it must not be
+        mean_of_micro_means = grad_of(lambda w: sum(token_losses(w, [i]).mean() / len(mini) for i in mini).backward())
+        whole_step = grad_of(lambda w: (token_losses(w, mini).sum() / sum(lengths)).backward())
+        assert not torch.allclose(mean_of_micro_means, reference, rtol=1e-3)
+        assert not torch.allclose(whole_step, reference, rtol=1e-3)
 
 
 def test_pack_sequences_masks_exactly_the_response_predictions():
@@ -234,15 +235,14 @@ def rl_args(warm, out, name, *extra, engine="hf", steps=2):
     return args + [str(a) for a in extra]
 
 
-def check_run(run_dir, steps, prompts_per_step=4):
+def check_run(run_dir, steps, prompts_per_step=4, gen_batch_prompts=8):
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for r in rows:
         assert_finite_row(r, STEP_METRICS)
         assert 0 <= r["rollout/accuracy"] <= 1
-        assert r["rollout/reward_mean"] == pytest.approx(2 * r["rollout/accuracy"] - 1)
         assert r["rollout/groups_used"] == prompts_per_step         # the tests below rely on full batches
-        assert r["rollout/groups_kept"] + r["rollout/groups_filtered"] == r["rollout/groups_seen"]
+        assert r["rollout/groups_seen"] == r["rollout/gen_batches"] * gen_batch_prompts    # from the flags
         assert r["rollout/groups_all_right"] + r["rollout/groups_all_wrong"] == r["rollout/groups_filtered"]
         assert r["rollout/uniform_frac"] == pytest.approx(r["rollout/groups_filtered"] / r["rollout/groups_seen"])
         assert r["rollout/entropy_est"] > 0
@@ -257,6 +257,31 @@ def check_run(run_dir, steps, prompts_per_step=4):
     return rows
 
 
+def check_rollout_counts(run_dir, calls, data, prompts_per_step=4, seed=0):
+    """What a run logs about its rollouts, recounted from the samples it drew (recorded by run_in_process) and graded
+    here: the prompts are the data stream's next ones (the cursor advances), accuracy, reward, the uniform and kept
+    groups, and the trained tokens are those of the first prompts_per_step mixed groups in stream order."""
+    from common.data import cycle_problems, load_problems, render_prompt
+    correct = grade_recorded(calls, data)
+    drawn = [p for c in calls for p in c["prompts"]]
+    assert drawn == [render_prompt(p, None, "plain") for p in cycle_problems(load_problems(data), seed, 0, len(drawn))]
+    for r in metrics(run_dir):
+        mine = [i for i, c in enumerate(calls) if c["step"] == r["step"] - 1]
+        groups = [g for i in mine for g in calls[i]["groups"]]
+        right = [g for i in mine for g in correct[i]]                          # [group][sample] 1/0
+        flat = [x for g in right for x in g]
+        assert r["rollout/groups_seen"] == len(groups) and r["rollout/gen_batches"] == len(mine)
+        assert r["rollout/accuracy"] == pytest.approx(sum(flat) / len(flat))
+        assert r["rollout/reward_mean"] == pytest.approx(sum(1 if x else -1 for x in flat) / len(flat))
+        assert r["rollout/groups_all_right"] == sum(all(g) for g in right)
+        assert r["rollout/groups_all_wrong"] == sum(not any(g) for g in right)
+        mixed = [i for i, g in enumerate(right) if 0 < sum(g) < len(g)]
+        assert r["rollout/groups_kept"] == len(mixed)
+        assert r["train/tokens"] == sum(len(s["response_ids"]) for i in mixed[:prompts_per_step] for s in groups[i])
+        lengths = [len(s["response_ids"]) for g in groups for s in g]
+        assert r["rollout/response_len_mean"] == pytest.approx(sum(lengths) / len(lengths))
+
+
 def check_loads_in_transformers(model_dir, like_dir=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -268,25 +293,47 @@ def check_loads_in_transformers(model_dir, like_dir=None):
         assert_same_weights(model_dir, like_dir, atol=0)
 
 
+ROLLOUTS = {}          # run directory -> what its engine sampled (run_in_process), for the runs made in this process
+
+
 @pytest.fixture(scope="module")
 def hf_run(tiny_warm, tmp_path_factory):
+    """Two steps, the HF engine, run in this process (its own main()), its rollouts recorded."""
     out = str(tmp_path_factory.mktemp("rl_hf"))
-    run_script("rl_dapo.py", rl_args(tiny_warm, out, "hf", "--no-compile", "--save-every", 1))
+    calls = run_in_process(rl_dapo, rl_args(tiny_warm, out, "hf", "--no-compile", "--save-every", 1))
+    ROLLOUTS[os.path.join(out, "hf")] = calls
     return os.path.join(out, "hf")
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny_warm, tmp_path_factory):
+    """One step cut short by --max-gen-batches 1: one generation batch of 6 prompts where 8 groups are wanted, in
+    mini-batches of 2 groups (the same seed as hf_run: positions 0-5 of its stream), its rollouts recorded."""
+    out = str(tmp_path_factory.mktemp("rl_short"))
+    calls = run_in_process(rl_dapo, rl_args(tiny_warm, out, "short", "--no-compile", "--prompts-per-step", 8,
+                                            "--gen-batch-prompts", 6, "--max-gen-batches", 1, steps=1))
+    ROLLOUTS[os.path.join(out, "short")] = calls
+    return os.path.join(out, "short")
+
+
+# validation on the warm model's own 32 problems (the fixture's test set is harder than anything it learned), 16
+# samples each at a temperature that is not the rollout's 1.2 (after the 2 steps: avg@16 ~0.07 at 1.6, ~0.19 at 1.2)
+VAL = ["--val-every", 0, "--val-n", 16, "--val-temperature", 1.6]
 
 
 @pytest.fixture(scope="module")
 def vllm_run(tiny_warm, tmp_path_factory):
     pytest.importorskip("vllm")
     out = str(tmp_path_factory.mktemp("rl_vllm"))
-    run_script("rl_dapo.py", rl_args(tiny_warm, out, "vllm", "--no-compile", "--val-data", tiny_warm["test"],
-                                     "--val-max-problems", 4, "--val-every", 0, engine="vllm"))
+    run_script("rl_dapo.py", rl_args(tiny_warm, out, "vllm", "--no-compile", "--val-data", tiny_warm["train"], *VAL,
+                                     engine="vllm"))
     return os.path.join(out, "vllm")
 
 
 @pytest.mark.slow
-def test_e2e_hf_engine(hf_run):
+def test_e2e_hf_engine(hf_run, tiny_warm):
     rows = check_run(hf_run, 2)
+    check_rollout_counts(hf_run, ROLLOUTS[hf_run], tiny_warm["train"])
     assert any(r["train/approx_kl"] > 0 for r in rows)          # the second mini-batch is off-policy
     ckpts = sorted(os.listdir(os.path.join(hf_run, "checkpoints")))
     assert ckpts == ["step_000001", "step_000002"]              # --save-every 1, --keep-last 2
@@ -302,8 +349,29 @@ def test_e2e_vllm_engine(vllm_run):
     rows = check_run(vllm_run, 2)
     # sampled at T=1.2: the trainer's log-probs and entropy use logits / T, the T=1 entropy is logged apart
     assert all(r["train/entropy"] > r["train/entropy_t1"] for r in rows)
-    assert "val/accuracy" in rows[-1] and 0 <= rows[-1]["val/accuracy"] <= 1 and rows[-1]["val/response_len"] > 0
     check_loads_in_transformers(os.path.join(vllm_run, "final"), os.path.join(vllm_run, "checkpoints", "step_000002"))
+
+
+@pytest.mark.slow
+def test_validation_accuracy_is_evaluates_avg_at_k_on_the_same_checkpoint(vllm_run, tiny_warm, tmp_path):
+    """val/accuracy at the last step (--val-n 16 at --val-temperature 1.6, vLLM) against evaluate.py's avg@16 of the
+    final checkpoint on the same problems at the same temperature (HF engine, its own seeds): equal within binomial
+    noise (4 standard deviations of the difference of two means of 512 samples; validation at the rollout's
+    temperature would be ~6 away), and so is the mean response length."""
+    import evaluate
+    row = metrics(vllm_run)[-1]
+    out = tmp_path / "eval"
+    evaluate.main(["--ckpt", f"final={os.path.join(vllm_run, 'final')}", "--benchmarks", f"val={tiny_warm['train']}",
+                   "--k", "16", "--temperature", "1.6", "--max-tokens", "24", "--prompt-style", "plain",
+                   "--rollout-engine", "hf", "--grade-workers", "0", "--device", "cpu", "--out", str(out)])
+    (res,) = (out / "results").glob("final__*.json")
+    got = json.loads(res.read_text())["benchmarks"]["val"]
+    n = got["n_problems"] * 16
+    assert n == 32 * 16
+    p = (row["val/accuracy"] + got["avg@16"]) / 2
+    noise = math.sqrt(max(p * (1 - p), 0.05) * 2 / n)
+    assert abs(row["val/accuracy"] - got["avg@16"]) < 4 * noise, (row["val/accuracy"], got["avg@16"], noise)
+    assert row["val/response_len"] == pytest.approx(got["len"], abs=1.2), (row["val/response_len"], got["len"])
 
 
 @pytest.mark.slow
@@ -322,19 +390,22 @@ def test_microbatch_size_and_compile_do_not_change_the_step(hf_run, tiny_warm, t
 
 
 @pytest.mark.slow
-def test_torchrun_fsdp2_matches_one_process(vllm_run, tiny_warm, tmp_path):
-    """2 processes, FSDP2 on gloo: each samples half the prompts with the same per-position seeds, and each
-    global mini-batch is split over the ranks, so step 1 reproduces the 1-process step (same kept groups,
-    same global token-mean gradient: grad_norm is taken after the cross-rank reduction)."""
-    run_script("rl_dapo.py", rl_args(tiny_warm, str(tmp_path), "ddp2", "--no-compile", "--sharding", "fsdp",
-                                     engine="vllm", steps=1), nproc=2)
-    two = metrics(os.path.join(tmp_path, "ddp2"))[0]
-    one = metrics(vllm_run)[0]
-    assert two["rollout/groups_used"] == one["rollout/groups_used"] == 4
-    for k in COMPARED:
-        assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-7), f"{k}: 2 processes {two[k]} vs 1 process {one[k]}"
-    assert two["rollout/logprob_diff_mean"] == pytest.approx(one["rollout/logprob_diff_mean"], abs=1e-6)  # fp32 noise
-    assert json.load(open(os.path.join(tmp_path, "ddp2", "config.json")))["world_size"] == 2
+def test_torchrun_fsdp2_hf_engine_matches_one_process(hf_run, tiny_warm, tmp_path):
+    """2 processes, FSDP2 on gloo, the HF engine (its FSDP branch: an unsharded copy filled by the weight sync, one
+    gathered parameter at a time): each rank samples half the prompts with the same per-position seeds, and each
+    global mini-batch is split over the ranks, so both steps reproduce the 1-process run (same kept groups, same
+    global token-mean gradient: grad_norm is taken after the cross-rank reduction), and at step 2 the engine's
+    log-probs still match the trainer's: the copy received the updated weights."""
+    run_script("rl_dapo.py", rl_args(tiny_warm, str(tmp_path), "fsdp2", "--no-compile", "--sharding", "fsdp",
+                                     steps=2), nproc=2)
+    rows, ref = metrics(os.path.join(tmp_path, "fsdp2")), metrics(hf_run)
+    assert [r["rollout/groups_used"] for r in rows] == [r["rollout/groups_used"] for r in ref] == [4, 4]
+    for two, one in zip(rows, ref):
+        for k in COMPARED:
+            assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), \
+                f"step {two['step']}: {k}: 2 processes {two[k]} vs 1 process {one[k]}"
+        assert two["rollout/logprob_diff_max"] < 1e-4
+    assert json.load(open(os.path.join(tmp_path, "fsdp2", "config.json")))["world_size"] == 2
 
 
 @pytest.mark.slow
@@ -355,11 +426,24 @@ def test_vllm_tensor_parallel_matches_one_process(vllm_run, tiny_warm, tmp_path)
 @pytest.mark.parametrize("sharding", ["fsdp", "ddp"])
 def test_bf16_compute_is_close_to_fp32(vllm_run, tiny_warm, tmp_path, sharding):
     """--bf16, the GPU default, run on CPU: FSDP2 with MixedPrecisionPolicy(bf16 params, fp32 reduce), or DDP
-    under bf16 autocast. The rollout (fp32 vLLM, same seeds) is the 1-process fp32 run's; the trainer's
-    numbers move by bf16 rounding only, and the engine-vs-trainer log-prob gap shows that the trainer did
-    compute in bf16 (fp32 vs fp32 is ~1e-6)."""
-    run_script("rl_dapo.py", rl_args(tiny_warm, str(tmp_path), sharding, "--no-compile", "--sharding", sharding,
-                                     "--bf16", engine="vllm", steps=1), nproc=2)
+    (fp32 gradients all-reduced) under bf16 autocast, both read off the root the script builds and trains. The
+    rollout (fp32 vLLM, same seeds) is the 1-process fp32 run's; the trainer's numbers move by bf16 rounding only,
+    and the engine-vs-trainer log-prob gap shows that the trainer did compute in bf16 (fp32 vs fp32 is ~1e-6)."""
+    argv = rl_args(tiny_warm, str(tmp_path), sharding, "--no-compile", "--sharding", sharding, "--bf16",
+                   engine="vllm", steps=1)
+    run_script(os.path.join(ROOT, "tests", "_scripts.py"), ["rl_dapo", tmp_path, *argv], nproc=2)
+    # the precision, read off the model the script trains (tests/_scripts.py: inspect_models_main), on both ranks
+    for rank in (0, 1):
+        [m] = json.load(open(os.path.join(tmp_path, f"models_rank{rank}.json")))
+        assert m["root"] == "LMWithHead" and m["param_dtypes"] == ["torch.float32"]        # fp32 master weights
+        if sharding == "fsdp":
+            bf16_fp32 = {"param_dtype": "torch.bfloat16", "reduce_dtype": "torch.float32"}
+            assert m["wrapper"] == "fsdp" and not m["autocast_bf16"]
+            assert m["root_policy"] == bf16_fp32 and m["layer_policies"] and all(
+                p == bf16_fp32 for p in m["layer_policies"])
+        else:       # DDP all-reduces the fp32 parameters' gradients; the forward runs under bf16 autocast
+            assert m["wrapper"] == "ddp" and m["autocast_bf16"] is True
+            assert m["root_policy"] is None
     row, ref = metrics(os.path.join(tmp_path, sharding))[0], metrics(vllm_run)[0]
     for k in ("rollout/accuracy", "rollout/groups_used", "train/tokens", "rollout/response_len_mean"):
         assert row[k] == ref[k], k                                  # same samples
@@ -380,9 +464,8 @@ def test_resume_reproduces_the_straight_run(vllm_run, tiny_warm, tmp_path):
     final weights as the straight 2-step run (vLLM seeds per prompt position, data order from the cursor,
     optimizer state and RNGs from the checkpoint, the engine re-synced to the resumed weights)."""
     split = os.path.join(tmp_path, "vllm")
-    run_script("rl_dapo.py", rl_args(tiny_warm, str(tmp_path), "vllm", "--no-compile", "--val-data", tiny_warm["test"],
-                                     "--val-max-problems", 4, "--val-every", 0, "--save-every", 1,
-                                     engine="vllm", steps=1))
+    run_script("rl_dapo.py", rl_args(tiny_warm, str(tmp_path), "vllm", "--no-compile", "--val-data", tiny_warm["train"],
+                                     *VAL, "--save-every", 1, engine="vllm", steps=1))
     assert os.listdir(os.path.join(split, "checkpoints")) == ["step_000001"]
     run_script("rl_dapo.py", ["--resume", split, "--steps", 2])
     straight, resumed = metrics(vllm_run), metrics(split)
@@ -500,23 +583,69 @@ def test_logprob_mismatch_warns_loudly(capsys):
 
 
 @pytest.mark.slow
-def test_entropy_is_the_sampling_policys_and_only_whole_mini_batches_train(hf_run, tiny_warm, tmp_path):
+def test_entropy_is_the_sampling_policys(hf_run, tiny_warm, tmp_path):
     """With 2 mini-batches the entropy is taken in the pre-update pass, so step 1 logs the same entropy as one
-    mini-batch of the same samples (not the entropy after the first update). And a step cut short by
-    --max-gen-batches trains on its whole mini-batches of kept groups only."""
+    mini-batch of the same samples (not the entropy after the first update)."""
     run_script("rl_dapo.py", rl_args(tiny_warm, str(tmp_path), "one_mini", "--no-compile", "--ppo-mini-batch", 4,
                                      steps=1))
     one, two = metrics(os.path.join(tmp_path, "one_mini"))[0], metrics(hf_run)[0]
     assert one["train/updates"] == 1 and two["train/updates"] == 2
     for k in ("train/entropy", "train/entropy_t1", "train/tokens"):
         assert one[k] == pytest.approx(two[k], rel=1e-5), k
-    run_script("rl_dapo.py", rl_args(tiny_warm, str(tmp_path), "short", "--no-compile", "--max-gen-batches", 1,
-                                     "--gen-batch-prompts", 5, steps=1))
-    r = metrics(os.path.join(tmp_path, "short"))[0]
-    assert r["rollout/gen_batches"] == 1
-    assert r["rollout/groups_used"] == min(r["rollout/groups_kept"], 4) // 2 * 2
-    assert r.get("train/updates", 0) == r["rollout/groups_used"] // 2
 
+
+@pytest.mark.slow
+def test_only_whole_mini_batches_train(short_run, tiny_warm):
+    """A step cut short by --max-gen-batches keeps an odd number of groups, 5 of its 6 (counted here from what it
+    sampled, graded here), for mini-batches of 2: it trains the first 4 in stream order (2 updates, their response
+    tokens) and drops the fifth, so every optimizer step averages the same number of groups."""
+    calls = ROLLOUTS[short_run]
+    r = metrics(short_run)[0]
+    [correct] = grade_recorded(calls, tiny_warm["train"])
+    mixed = [i for i, g in enumerate(correct) if 0 < sum(g) < len(g)]
+    assert len(calls) == 1 and len(correct) == 6
+    assert len(mixed) == 5, f"{len(mixed)} mixed groups of 6: the case needs an odd number (re-pick the flags)"
+    assert r["rollout/groups_kept"] == 5 and r["rollout/groups_used"] == 4
+    assert r["train/updates"] == 2 and r["train/updates_skipped"] == 0
+    assert r["train/tokens"] == sum(len(s["response_ids"]) for i in mixed[:4] for s in calls[0]["groups"][i])
+
+
+@pytest.mark.slow
+def test_the_seed_changes_the_run_and_the_same_seed_repeats_it(hf_run, short_run, tiny_warm, tmp_path):
+    """--seed reaches the data order and the sampling seeds (else demo.py --seeds 3 and evaluate --arms would compare
+    copies of one run): with --seed 1 step 1 draws other problems, with sampling seeds none of which seed 0 used, and
+    samples otherwise; with seed 0 and another batch configuration (short_run: 6 prompts per generation batch, not
+    8) positions 0-5 get the same problems, seeds and samples as hf_run's."""
+    calls = run_in_process(rl_dapo, rl_args(tiny_warm, str(tmp_path), "seed1", "--no-compile", "--seed", 1, steps=1))
+    base = [c for c in ROLLOUTS[hf_run] if c["step"] == 0][0]
+    short = ROLLOUTS[short_run][0]
+    texts = lambda c: [[s["text"] for s in g] for g in c["groups"]]          # noqa: E731
+    assert short["prompts"] == base["prompts"][:6] and short["seeds"] == base["seeds"][:6]
+    assert texts(short) == texts(base)[:6]
+    other = calls[0]
+    assert other["prompts"] != base["prompts"]
+    assert not set(other["seeds"]) & {x for c in ROLLOUTS[hf_run] for x in c["seeds"]}
+    assert texts(other) != texts(base)
+    entropy = [metrics(run)[0]["rollout/entropy_est"] for run in (os.path.join(tmp_path, "seed1"), hf_run)]
+    assert entropy[0] != entropy[1]
+
+
+@pytest.mark.slow
+def test_entropy_est_is_the_mean_nll_of_every_sampled_token(hf_run, tiny_warm):
+    """rollout/entropy_est as hf_run logs it, at both steps, against -log p of every token it sampled (kept and
+    dropped groups), recomputed here by a float64 forward of the weights that sampled them (the start model, then
+    step 1's checkpoint) at the rollout temperature; it is not the kept groups' mean."""
+    calls = ROLLOUTS[hf_run]
+    weights_at = [tiny_warm["model"], os.path.join(hf_run, "checkpoints", "step_000001")]
+    correct = grade_recorded(calls, tiny_warm["train"])
+    for r in metrics(hf_run):
+        mine = [i for i, c in enumerate(calls) if c["step"] == r["step"] - 1]
+        samples = [s for i in mine for g in calls[i]["groups"] for s in g]
+        nll, count = sampled_nll(weights_at[r["step"] - 1], samples, temperature=1.0)
+        assert r["rollout/entropy_est"] == pytest.approx(nll / count, rel=1e-4)
+        kept = [s for i in mine for g, k in zip(calls[i]["groups"], correct[i]) if 0 < sum(k) < len(k) for s in g]
+        kept_nll, kept_count = sampled_nll(weights_at[r["step"] - 1], kept, temperature=1.0)
+        assert abs(kept_nll / kept_count - nll / count) > 1e-3 * nll / count      # the two differ: which one is read
 
 
 def _entropy(z: torch.Tensor) -> torch.Tensor:
@@ -525,19 +654,21 @@ def _entropy(z: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("temperature", [1.0, 1.5])
-def test_entropy_est_is_the_entropy_of_the_law_sampled_from(temperature):
-    """rollout/entropy_est = mean -log p(sampled token) over every sampled token: E[-log p(x)] under x ~ p is
-    H(p), so over many tokens it matches the exact full-vocabulary entropy of softmax(z / T) at the same
-    positions (float64 reference); at T=1.5 it is clearly not the entropy at T=1."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from common.dist import DistInfo
-    from common.rollout import HFEngine
-    model_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny_math", "model")
-    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def test_mean_sampled_nll_estimates_the_entropy_of_the_law_sampled_from(temperature):
+    """What rollout/entropy_est estimates: the mean -log p(sampled token) (the engine's own log-probs) over many
+    tokens matches the exact full-vocabulary entropy of softmax(z / T) at the same positions (float64 reference);
+    at T=1.5 it is clearly not the entropy at T=1. The model and the engine are built as rl_dapo.py builds them."""
+    from transformers import AutoTokenizer
+    from common.dist import DistInfo, unwrap
+    from common.loading import load_sharded
+    model_dir = os.path.join(ROOT, "assets", "tiny_math", "model")
+    model = load_sharded(model_dir, DistInfo(), "fsdp")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    engine = HFEngine(lm, tok, DistInfo(), batch_size=256)
+    engine = rl_dapo.make_engine("hf", model=model, model_path=model_dir, tokenizer=tok, info=DistInfo(),
+                                 max_model_len=64, seed=0)
     prompts = [f"What is {a}+{b}-{c}?" for a, b, c in [(3, 14, 5), (22, 7, 9), (11, 4, 18), (27, 19, 6)]]
     groups = engine.generate(prompts, n=64, temperature=temperature, max_tokens=32, seeds=[1, 2, 3, 4])
+    lm = unwrap(model).eval()
     nll, ent_t, ent_1, count = 0.0, 0.0, 0.0, 0
     with torch.no_grad():
         for s in (s for g in groups for s in g):
