@@ -239,15 +239,15 @@ def main(argv=None):
     # AdamW's moments now, so vLLM's memory check sees them; one update of the largest micro-batch a run meets
     materialize_optimizer_state(optimizer)
     longest = min(max_prompt + args.max_response_len, max_positions or 1 << 30)     # a longer one runs alone
+    largest = max(args.micro_batch_tokens, longest)                                  # the largest micro-batch
 
     def preflight_step():
-        ids, pos, pred, _ = pack_padding_free(preflight_sequences(max(args.micro_batch_tokens, longest), longest),
-                                              info.device)
+        ids, pos, pred, _ = pack_padding_free(preflight_sequences(largest, longest), info.device)
         t_h = teacher_hidden(ids, pos, pred) if teacher is not None else None
         student(ids, position_ids=pos, head=kl_head(pred, t_h, 1.0))[0].backward()
         optimizer.zero_grad(set_to_none=True)
 
-    preflight(preflight_step, max(args.micro_batch_tokens, longest), info, enabled=args.preflight,
+    preflight(preflight_step, largest, info, enabled=args.preflight,
               name="reheat_tsopsd", hint=oom_hint(args.micro_batch_tokens, longest, args.activation_checkpointing, info))
 
     # ------------------------------------------------------------------------- rollout engine

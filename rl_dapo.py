@@ -305,13 +305,14 @@ def main(argv=None):
     # holds; then one update of the largest micro-batch a run meets, so an OOM shows in the first minute
     materialize_optimizer_state(optimizer)
     longest = min(max_prompt + args.max_response_len, max_positions or 1 << 30)     # a longer one runs alone
+    largest = max(args.micro_batch_tokens, longest)                                  # the largest micro-batch
 
     def preflight_step():
-        logp, _, _ = forward_logprobs(preflight_sequences(max(args.micro_batch_tokens, longest), longest), grad=True)
+        logp, _, _ = forward_logprobs(preflight_sequences(largest, longest), grad=True)
         logp.float().sum().backward()
         optimizer.zero_grad(set_to_none=True)
 
-    preflight(preflight_step, max(args.micro_batch_tokens, longest), info, enabled=args.preflight, name="rl_dapo",
+    preflight(preflight_step, largest, info, enabled=args.preflight, name="rl_dapo",
               hint=oom_hint(args.micro_batch_tokens, longest, args.activation_checkpointing, info))
 
     # ------------------------------------------------------------------------- rollout engine

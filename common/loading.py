@@ -90,9 +90,9 @@ def param_count(model_path: str) -> int:
     """Parameters of the checkpoint's model (a tied head once), from its config alone: a meta-device build, no
     weights read (for the disk check before loading)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from common.checkpoint import count_params
     with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    return sum(p.numel() for p in lm.parameters())
+        return count_params(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path)))
 
 
 def checkpoint_files(model_path: str) -> list[str]:

@@ -268,8 +268,8 @@ class VLLMEngine:
         if info.distributed:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if info.device.type == "cuda" and torch.cuda.is_available():    # (a test's stand-in device has no memory)
-            kwargs |= vllm_memory_kwargs(*torch.cuda.mem_get_info(), gpu_memory_utilization, kv_cache_gib)
             free, total = torch.cuda.mem_get_info()
+            kwargs |= vllm_memory_kwargs(free, total, gpu_memory_utilization, kv_cache_gib)
             print0(f"[rollout] vLLM budget: {kwargs['gpu_memory_utilization']} of {total / 2**30:.1f} GiB "
                    f"({free / 2**30:.1f} GiB free with the training state resident)")
         elif kv_cache_gib is not None:
