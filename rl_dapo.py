@@ -37,12 +37,12 @@ import time
 import torch
 from tqdm import tqdm
 
-from common.batching import default_micro_batch_tokens, exchange_sequences, pack_padding_free, plan_micro_batches
+from common.batching import agree_on_groups, build_step_batch, default_micro_batch_tokens, pack_padding_free
 from common.checkpoint import (check_disk_space, latest_checkpoint, load_checkpoint, save_checkpoint, save_hf,
                                stored_dtype)
 from common.cli import arg, check_context_length, parse_args, with_resumed_config
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
-from common.dist import (all_gather_objects, all_reduce, check_model_path, check_sharding, cleanup_distributed, derive_seed,
+from common.dist import (all_reduce, check_model_path, check_sharding, cleanup_distributed, derive_seed,
                          init_distributed, print0, resolve_model_path, seed_everything)
 from common.grading import extract_answer, grade_batch, truncated_is_wrong
 from common.loading import load_sharded, param_count
@@ -50,7 +50,9 @@ from common.preflight import materialize_optimizer_state, oom_hint, preflight, p
 from common.losses import chunked_logprob_entropy, entropy_from_hidden
 from common.rollout import make_engine
 from common.runlog import MetricsLogger, make_run_dir, warn_logprob_mismatch
+from common.select import global_mean, global_quantile, global_top_k, token_ids
 from common.stats import distinct_count
+from common.tally import Tally
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -100,6 +102,37 @@ class Args:
                                          "Default: 32768 on CUDA, 512 on CPU", group="loss")
     chunk_size: int = arg(1024, "tokens per chunk of the vocabulary-wide log-prob/entropy head", group="loss")
     compile: bool = arg(True, "torch.compile the chunked log-prob/entropy hot path (eager twin otherwise)", group="loss")
+    # objective-side entropy remedies (README.md#entropy-remedies); all off by default: the DAPO loss above
+    policy_loss: str = arg("dapo", "dapo; clip_cov (Cui et al. 2505.22617: drop the gradient of a random "
+                           "--cov-ratio of the tokens whose covariance lies in (--clip-cov-lb, --clip-cov-ub)); "
+                           "kl_cov (same paper: no PPO clip, + --kl-cov-coef |log ratio| on the top --cov-ratio "
+                           "tokens by covariance; a no-op when a step has one mini-batch). verl selects per GPU "
+                           "micro-batch; here over the whole mini-batch on all ranks, so the tokens chosen do not "
+                           "depend on --micro-batch-tokens or the number of GPUs", group="entropy remedies",
+                           choices=("dapo", "clip_cov", "kl_cov"))
+    cov_ratio: float = arg(2e-4, "fraction of the mini-batch's tokens Clip-Cov / KL-Cov pick (verl: clip_cov_ratio, "
+                           "kl_cov_ratio; 2e-4; at least one token unless 0)", group="entropy remedies")
+    clip_cov_lb: float = arg(1.0, "Clip-Cov: covariance band lower bound (verl clip_cov_lb: 1)", group="entropy remedies")
+    clip_cov_ub: float = arg(5.0, "Clip-Cov: covariance band upper bound (verl clip_cov_ub: 5)", group="entropy remedies")
+    kl_cov_coef: float = arg(1.0, "KL-Cov: weight of |log ratio| on the picked tokens (verl ppo_kl_coef; the "
+                             "paper's recipes: 1)", group="entropy remedies")
+    entropy_coef: float = arg(0.0, "entropy bonus c: loss = policy loss - c x token-mean entropy at T, over the "
+                              "tokens and with the normaliser of the policy loss (verl actor.entropy_coeff, TRL "
+                              "entropy_coef; 0: off). With --entropy-target: the controller's starting value",
+                              group="entropy remedies")
+    entropy_target: float | None = arg(None, "adaptive entropy control (Skywork-OR1 2505.22312, TRL "
+                                       "use_adaptive_entropy): after each optimizer step c += delta if that "
+                                       "step's entropy <= this target else c -= delta, within [--entropy-coef-min, "
+                                       "--entropy-coef-max]; the bonus applies only while the last measured entropy "
+                                       "is <= target. No default: set it from the run's own early train/entropy "
+                                       "(math RL: ~0.1-0.3 nats)", group="entropy remedies")
+    entropy_coef_delta: float = arg(0.005, "adaptive control step (TRL: 0.005)", group="entropy remedies")
+    entropy_coef_min: float = arg(0.0, "adaptive control lower bound (TRL: 0)", group="entropy remedies")
+    entropy_coef_max: float = arg(1.0, "adaptive control upper bound (TRL: 1)", group="entropy remedies")
+    top_entropy_quantile: float = arg(1.0, "rho: only tokens whose entropy is >= the (1-rho) quantile of the "
+                                      "mini-batch's token entropies (all ranks) get the policy gradient (Wang et "
+                                      "al. 2506.01939 '80/20': 0.2; TRL/ms-swift top_entropy_quantile; 1.0: all "
+                                      "tokens)", group="entropy remedies")
     # optimizer
     lr: float = arg(2e-6, "AdamW learning rate (paper: 2e-6 for Qwen3-4B/8B)", group="optimizer")
     warmup_steps: int = arg(10, "linear warmup over this many training steps (paper: 10)", group="optimizer")
@@ -165,6 +198,12 @@ def check_args(a: Args):
     if 0 < a.dual_clip <= 1 or a.dual_clip < 0:
         raise SystemExit(f"--dual-clip must be > 1 (it caps the loss of negative advantages at c x |A|; c <= 1 would "
                          f"cap the ordinary clipped loss) or 0 to disable, got {a.dual_clip}")
+    if not 0 < a.top_entropy_quantile <= 1:
+        raise SystemExit(f"--top-entropy-quantile must be in (0, 1], got {a.top_entropy_quantile}")
+    if not 0 <= a.cov_ratio <= 1 or a.clip_cov_lb >= a.clip_cov_ub or a.kl_cov_coef < 0:
+        raise SystemExit("--cov-ratio must be in [0, 1], --clip-cov-lb < --clip-cov-ub, --kl-cov-coef >= 0")
+    if a.entropy_coef < 0 or not 0 <= a.entropy_coef_min <= a.entropy_coef_max or a.entropy_coef_delta < 0:
+        raise SystemExit("--entropy-coef must be >= 0 and 0 <= --entropy-coef-min <= --entropy-coef-max, delta >= 0")
     if a.prompts_per_step % a.ppo_mini_batch:
         raise SystemExit(f"--prompts-per-step ({a.prompts_per_step}) must be a multiple of --ppo-mini-batch "
                          f"({a.ppo_mini_batch}): every optimizer step averages the same number of groups")
@@ -216,6 +255,64 @@ def dapo_token_loss(logp, old_logp, adv, eps_low, eps_high, dual_clip, tis_weigh
     return loss, clip_hi, clip_lo, dual_hit
 
 
+def policy_token_loss(mode, logp, old_logp, adv, picked, *, eps_low, eps_high, dual_clip, kl_cov_coef,
+                      tis_weight=None):
+    """Per-token policy-gradient loss of --policy-loss `mode`; `picked` [N] bool: the tokens the covariance rule
+    chose (cov_pick). Returns (loss [N], clip stats [N] x3) as dapo_token_loss.
+
+    dapo      dapo_token_loss.
+    clip_cov  Clip-Cov (Cui et al. 2505.22617; verl compute_policy_loss_clip_cov): dapo_token_loss with the
+              picked tokens' loss, and so their gradient, set to 0.
+    kl_cov    KL-Cov (same paper; verl compute_policy_loss_kl_cov): no clipping, -A r on every token, plus
+              kl_cov_coef |log r| on the picked ones (r = pi / pi_old; log r clamped to [-20, 20] as above).
+    """
+    if mode == "kl_cov":
+        log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
+        loss = -adv * log_ratio.exp() + kl_cov_coef * log_ratio.abs() * picked
+        if tis_weight is not None:
+            loss = loss * tis_weight
+        none = torch.zeros_like(loss, dtype=torch.bool)
+        return loss, none, none, none
+    loss, c_hi, c_lo, dual = dapo_token_loss(logp, old_logp, adv, eps_low, eps_high, dual_clip, tis_weight)
+    if mode == "clip_cov":
+        loss = loss * ~picked
+    return loss, c_hi, c_lo, dual
+
+
+def covariance(adv, logp, mean_adv: float, mean_logp: float):
+    """Cui et al.'s per-token covariance term (A - mean A)(log pi - mean log pi), the means over the tokens of the
+    selection set (here the whole mini-batch, all ranks): large where a confident token is rewarded."""
+    return (adv - mean_adv) * (logp - mean_logp)
+
+
+def cov_pick(mode, cov, ids, keys, already_clipped, n_tokens: int, ratio: float, lb: float, ub: float):
+    """The tokens Clip-Cov / KL-Cov act on, over the whole mini-batch on all ranks (common/select.py), as bool [N].
+    k = max(1, int(ratio x the mini-batch's tokens)) (as verl), 0 for ratio 0.
+    kl_cov:   the k tokens of largest covariance.
+    clip_cov: k tokens drawn uniformly (by their `keys`, uniform numbers fixed per token) among those with
+              lb < cov < ub whose loss is not already clipped (zero gradient: clip range or dual clip)."""
+    k = max(1, int(n_tokens * ratio)) if ratio > 0 else 0
+    if mode == "kl_cov":
+        return global_top_k(cov, ids, k)
+    band = (cov > lb) & (cov < ub) & ~already_clipped
+    picked = torch.zeros_like(band)
+    picked[band] = global_top_k(-keys[band], ids[band], k)
+    return picked
+
+
+def high_entropy_tokens(entropy, rho: float):
+    """80/20 (Wang et al. 2506.01939; TRL's get_high_entropy_mask): the tokens whose entropy is at or above the
+    (1 - rho) quantile of the mini-batch's token entropies, all ranks (linear interpolation, as torch.quantile)."""
+    return entropy.double() >= global_quantile(entropy, 1.0 - rho)
+
+
+def adapt_entropy_coef(coef: float, entropy: float, target: float, delta: float, lo: float, hi: float) -> float:
+    """Adaptive entropy control (Skywork-OR1 2505.22312; TRL use_adaptive_entropy), after an optimizer step whose
+    token-mean entropy was `entropy`: c + delta (at most hi) while at or below the target, else c - delta (at
+    least lo)."""
+    return min(coef + delta, hi) if entropy <= target else max(coef - delta, lo)
+
+
 def token_mean_scales(n_resp: list[int], per_mini: int, world_size: int) -> list[float]:
     """Per mini-batch of `per_mini` consecutive sequences (n_resp: response tokens of each sequence of the step),
     the factor that makes a micro-batch's summed token losses its share of the token mean over its whole
@@ -255,6 +352,9 @@ def main(argv=None):
     export_dtype = stored_dtype(model_path)
     check_disk_space(run_dir, param_count(model_path), export_dtype, args.keep_last)   # before any weights load
 
+    if args.policy_loss == "kl_cov" and args.prompts_per_step == args.ppo_mini_batch:
+        print0("[rl_dapo] warning: --policy-loss kl_cov with one mini-batch per step does nothing: the only update "
+               "is on-policy (ratio exactly 1, |log ratio| = 0); use --ppo-mini-batch < --prompts-per-step")
     if len(train_problems) < args.gen_batch_prompts:
         print0(f"[rl_dapo] note: {len(train_problems)} training problems < --gen-batch-prompts {args.gen_batch_prompts}: "
                f"each generation batch wraps around the data set")
@@ -265,10 +365,12 @@ def main(argv=None):
                          activation_checkpointing=args.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     start_step, cursor = 0, 0
+    control = {"entropy_coef": args.entropy_coef, "entropy_last": None}    # the adaptive entropy controller's state
     if args.resume:
         ckpt = latest_checkpoint(args.resume)
         state = load_checkpoint(ckpt, model, optimizer)
         start_step, cursor = state["step"], state["cursor"]
+        control = {k: state.get(k, v) for k, v in control.items()}
         print0(f"[rl_dapo] resumed from {ckpt} at step {start_step}")
     logger = MetricsLogger(run_dir, enabled=info.is_main, wandb_project=args.wandb_project or None,
                            tensorboard=args.tensorboard)
@@ -278,13 +380,14 @@ def main(argv=None):
     # ------------------------------------------------------------------------- loss: forward heads
     T = args.rollout_temperature
 
-    def logprob_head(targets_sel, pred_mask, with_entropy_t1):
+    def logprob_head(targets_sel, pred_mask, with_entropy_t1, entropy_grad=False):
         """Head run inside the model's forward: log p(response token) at temperature T (with grad), entropy at
-        T and, when T != 1, at T=1 (detached), all over response positions only: [N] each."""
+        T (with grad only for the entropy bonus) and, when T != 1, at T=1 (detached), all over response
+        positions only: [N] each."""
         def head(hidden, weight):
             h = hidden[pred_mask]                                           # [N, H]
             logp, ent = chunked_logprob_entropy(h, weight, targets_sel, temperature=T, chunk_size=args.chunk_size,
-                                                compiled=args.compile)
+                                                compiled=args.compile, entropy_grad=entropy_grad)
             ent1 = ent
             if with_entropy_t1 and T != 1.0:
                 with torch.no_grad():
@@ -293,12 +396,12 @@ def main(argv=None):
             return logp, ent, ent1
         return head
 
-    def forward_logprobs(seqs, grad: bool):
+    def forward_logprobs(seqs, grad: bool, entropy_grad: bool = False):
         """One padding-free packed micro-batch (common/batching.py) -> (logp, entropy at T, entropy at T=1),
         each [N] over its response tokens in sequence order. [] runs the one-token dummy forward."""
         ids, pos, pred, targets = pack_padding_free(seqs, info.device)
         with torch.set_grad_enabled(grad):
-            return model(ids, position_ids=pos, head=logprob_head(targets[pred], pred, True))
+            return model(ids, position_ids=pos, head=logprob_head(targets[pred], pred, True, entropy_grad))
 
     # ------------------------------------------------------------------------- preflight (common/preflight.py)
     # the moments AdamW would create at its first step, now: vLLM's memory check below sees every byte training
@@ -357,21 +460,14 @@ def main(argv=None):
         tot = all_reduce([sum(correct) * own, len(correct) * own, sum(lengths) * own])
         return {"val/accuracy": tot[0].item() / max(tot[1].item(), 1), "val/response_len": tot[2].item() / max(tot[1].item(), 1)}
 
-    # ------------------------------------------------------------------------- training loop
+    # ------------------------------------------------------------------------- 1-3: rollout, reward, dynamic sampling
+    speaks = engine.tp_rank == 0        # with vLLM tensor parallelism one rank of each replica counts its groups
     L, B = args.max_response_len, args.overlong_buffer
-    pbar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not info.is_main,
-                desc="rl_dapo", dynamic_ncols=True)
-    for step in pbar:
-        t_step = time.time()
-        lr_now = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
-        for g in optimizer.param_groups:
-            g["lr"] = lr_now
-        m = {"train/lr": lr_now}
 
-        # ---- 1-3: rollout, reward, dynamic sampling
-        kept, t_gen, t_grade, gen_tokens = [], 0.0, 0.0, 0
-        all_acc, all_len, all_trunc, distinct, groups_seen, gen_batches = [], [], [], [], 0, 0
-        sampled_nll, all_right, all_wrong = 0.0, 0, 0
+    def collect_groups(cursor: int):
+        """Generation batches until --prompts-per-step groups with mixed answers were kept (all ranks) or
+        --max-gen-batches were drawn. Returns (this rank's kept groups, the new cursor, rollout metrics)."""
+        kept, tally, t_gen, t_grade, gen_batches = [], Tally(weight=float(speaks)), 0.0, 0.0, 0
         while True:
             problems, positions = draw_prompts(cursor, args.gen_batch_prompts)
             cursor += args.gen_batch_prompts
@@ -387,14 +483,11 @@ def main(argv=None):
             for gi, (p, g, pos) in enumerate(zip(problems, groups, positions)):
                 acc = correct[gi * args.group_size:(gi + 1) * args.group_size]
                 lengths = [len(s.response_ids) for s in g]
-                gen_tokens += sum(lengths)
-                all_acc += acc
-                all_len += lengths
-                all_trunc += [s.finish_reason == "length" for s in g]
-                distinct.append(distinct_count([extract_answer(s.text) for s in g]))
-                sampled_nll -= sum(sum(s.logprobs) for s in g)
-                all_right, all_wrong = all_right + all(a > 0 for a in acc), all_wrong + all(a <= 0 for a in acc)
-                groups_seen += 1
+                tally.add(samples=len(acc), correct=sum(acc), tokens=sum(lengths), truncated=sum(s.finish_reason == "length" for s in g),
+                          distinct=distinct_count([extract_answer(s.text) for s in g]), groups=1,
+                          sampled_nll=-sum(sum(s.logprobs) for s in g),
+                          all_right=all(a > 0 for a in acc), all_wrong=all(a <= 0 for a in acc))
+                tally.max(len_max=max(lengths, default=0))
                 if keep_group(acc):
                     scores = [(1.0 if a > 0 else -1.0) + overlong_penalty(n_tok, L, B, args.overlong_factor)
                               for a, n_tok in zip(acc, lengths)]
@@ -402,138 +495,189 @@ def main(argv=None):
                                  "sizes": [(len(s.prompt_ids) + len(s.response_ids), len(s.response_ids)) for s in g],
                                  "tensors": [(torch.tensor(s.prompt_ids + s.response_ids),   # ... and the data
                                               torch.tensor(s.logprobs, dtype=torch.float32)) for s in g]})
-            n_kept = all_reduce(len(kept) if engine.tp_rank == 0 else 0).item()
-            if n_kept >= args.prompts_per_step or gen_batches >= args.max_gen_batches:
+            if all_reduce(len(kept) * speaks).item() >= args.prompts_per_step or gen_batches >= args.max_gen_batches:
                 break
+        tally.max(gen_seconds=t_gen)
+        r = tally.reduce()
+        return kept, cursor, {
+            "rollout/accuracy": r.ratio("correct", "samples"),
+            "rollout/reward_mean": (2 * r["correct"] - r["samples"]) / max(r["samples"], 1),
+            "rollout/response_len_mean": r.ratio("tokens", "samples"), "rollout/response_len_max": r["len_max"],
+            "rollout/clipped_frac": r.ratio("truncated", "samples"),
+            "rollout/distinct_answers": r.ratio("distinct", "groups"), "rollout/groups_seen": r["groups"],
+            "rollout/groups_all_right": r["all_right"], "rollout/groups_all_wrong": r["all_wrong"],
+            "rollout/uniform_frac": (r["all_right"] + r["all_wrong"]) / max(r["groups"], 1),
+            "rollout/entropy_est": r.ratio("sampled_nll", "tokens"), "rollout/gen_batches": gen_batches,
+            "time/rollout": t_gen, "time/grading": t_grade,
+            "perf/rollout_tokens_per_s": r["tokens"] / max(r["gen_seconds"], 1e-9)}
+
+    # ------------------------------------------------------------------------- 5: the update
+    def per_token(values_by_seq, idx, dev, fill=None):
+        """Concatenate per-sequence tensors of sequences idx on dev (a one-element `fill` for the dummy)."""
+        if not idx:
+            return torch.tensor([fill], device=dev)
+        return torch.cat([torch.as_tensor(values_by_seq[i]) for i in idx]).to(dev)
+
+    def choose_tokens(batch, mb, advs, old_lp, old_ent, step):
+        """The tokens of mini-batch mb that the covariance rule picks and those the entropy quantile keeps, as
+        {i: bool [n_resp[i]]}, chosen over the whole mini-batch on all ranks from the CURRENT policy's log-probs
+        and entropies (a no-grad pass; before the first update they are the pre-update pass's)."""
+        if mb == 0 and old_lp:
+            cur_lp, cur_ent = old_lp, old_ent
+        else:
+            cur_lp, cur_ent = {}, {}
+            for part in batch.plan[mb]:
+                logp, ent, _ = forward_logprobs([batch.seqs[i] for i in part or []], grad=False)
+                sizes = [batch.n_resp[i] for i in part or []]
+                cur_lp |= dict(zip(part or [], logp.float().cpu().split(sizes)))
+                cur_ent |= dict(zip(part or [], ent.float().cpu().split(sizes)))
+        idx = [i for part in batch.plan[mb] if part for i in part]
+        sizes = [batch.n_resp[i] for i in idx]
+        lp, ent = per_token(cur_lp, idx, "cpu", 0.0)[:sum(sizes)], per_token(cur_ent, idx, "cpu", 0.0)[:sum(sizes)]
+        picked = keep = None
+        if args.top_entropy_quantile < 1.0:
+            keep = high_entropy_tokens(ent, args.top_entropy_quantile)
+        if args.policy_loss != "dapo":
+            adv = torch.tensor([advs[i] for i in idx for _ in range(batch.n_resp[i])], dtype=torch.float64)
+            old = per_token(old_lp, idx, "cpu", 0.0)[:sum(sizes)].double() if old_lp else lp.double()
+            _, c_hi, c_lo, dual = dapo_token_loss(lp.double(), old, adv, args.eps_low, args.eps_high, args.dual_clip)
+            keys = [torch.rand(batch.n_resp[i], generator=torch.Generator().manual_seed(derive_seed(args.seed, i, step, 3 + mb)),
+                               dtype=torch.float64) for i in idx]
+            cov = covariance(adv, lp.double(), global_mean(adv.sum(), len(adv)), global_mean(lp.double().sum(), len(lp)))
+            n_tok = sum(batch.n_resp[i] for i in batch.mini(mb))
+            picked = cov_pick(args.policy_loss, cov, token_ids(idx, batch.n_resp, batch.token_offsets()),
+                              torch.cat(keys) if keys else torch.zeros(0, dtype=torch.float64), c_hi | c_lo | dual,
+                              n_tok, args.cov_ratio, args.clip_cov_lb, args.clip_cov_ub)
+        split = lambda mask: dict(zip(idx, mask.split(sizes))) if mask is not None else None
+        return split(picked), split(keep)
+
+    def bonus_coef() -> float:
+        """The entropy bonus's coefficient for the next update: fixed, or the adaptive controller's while the
+        last measured entropy is at or below the target (open before the first measurement)."""
+        if args.entropy_target is None:
+            return args.entropy_coef
+        last = control["entropy_last"]
+        return control["entropy_coef"] if last is None or last <= args.entropy_target else 0.0
+
+    def update_policy(batch, advs, step) -> dict:
+        """One epoch of PPO over the step's mini-batches, one optimizer step each (docstring, step 5)."""
+        tally, grad_norms, skipped, applied = Tally(info.device), [], 0, []
+        tally.max(diff_max=0.0)
+        old_lp, old_ent = {}, {}
+        if batch.n_mini > 1:      # off-policy after the first update: pre-update log-probs (and entropies) first
+            for part in (mb for mini in batch.plan for mb in mini):
+                logp, ent, ent1 = forward_logprobs([batch.seqs[i] for i in part or []], grad=False)
+                sizes = [batch.n_resp[i] for i in part or []]
+                old_lp |= dict(zip(part or [], logp.float().split(sizes)))
+                old_ent |= dict(zip(part or [], ent.float().cpu().split(sizes)))
+                tally.add(entropy=ent.sum() * bool(part), entropy_t1=ent1.sum() * bool(part))
+        selecting = args.policy_loss != "dapo" or args.top_entropy_quantile < 1.0
+        scales = token_mean_scales(batch.n_resp, batch.per_mini, info.world_size)  # from global counts
+        for mb in range(batch.n_mini):
+            picked, keep = choose_tokens(batch, mb, advs, old_lp, old_ent, step) if selecting else (None, None)
+            coef = bonus_coef()
+            applied.append(coef)
+            window = Tally(info.device)                       # this update's entropy, for the adaptive control
+            optimizer.zero_grad(set_to_none=True)
+            for part in batch.plan[mb]:
+                idx, real = part or [], float(part is not None)   # a dummy adds 0 to the loss and the stats
+                logp, ent, ent1 = forward_logprobs([batch.seqs[i] for i in idx], grad=True, entropy_grad=coef > 0)
+                dev = logp.device
+                adv = torch.tensor([advs[i] for i in idx for _ in range(batch.n_resp[i])] or [0.0], device=dev)
+                slp = per_token(batch.sampler_logprobs, idx, dev, 0.0)
+                old = per_token(old_lp, idx, dev, 0.0) if old_lp else logp.detach().float()
+                tis = (old - slp).exp().clamp(max=args.tis_cap) if args.tis_cap > 0 else None
+                pick = per_token(picked, idx, dev, False) if picked else torch.zeros_like(adv, dtype=torch.bool)
+                loss_tok, c_hi, c_lo, dual = policy_token_loss(
+                    args.policy_loss, logp.float(), old, adv, pick, eps_low=args.eps_low, eps_high=args.eps_high,
+                    dual_clip=args.dual_clip, kl_cov_coef=args.kl_cov_coef, tis_weight=tis)
+                kept_tok = per_token(keep, idx, dev, True) if keep else torch.ones_like(pick)
+                if coef > 0:
+                    loss_tok = loss_tok - coef * ent.float()      # the entropy bonus
+                if keep:
+                    loss_tok = loss_tok * kept_tok                # 80/20: only high-entropy tokens learn
+                # token-level mean over the whole mini-batch on all ranks (token_mean_scales)
+                loss = loss_tok.sum() * real * scales[mb]
+                loss.backward()
+                with torch.no_grad():
+                    ratio = torch.exp((logp.float() - old).clamp(-20.0, 20.0))
+                    diff = (old - slp).abs()
+                    first = mb == 0          # before any update: the engine's and the trainer's log-probs
+                    tally.add(**{k: v.sum() * real for k, v in dict(
+                        pg_loss=loss_tok, clip_hi=c_hi, clip_lo=c_lo, dual=dual, kl=(ratio - 1) - torch.log(ratio),
+                        tokens=torch.ones_like(logp), diff=diff * first, cov_picked=pick,
+                        entropy_kept=kept_tok).items()})
+                    if batch.n_mini == 1:        # else the pre-update pass measured them
+                        tally.add(entropy=ent.sum() * real, entropy_t1=ent1.sum() * real)
+                    if first and real:
+                        tally.max(diff_max=diff.max())
+                    window.add(entropy=(ent * kept_tok).sum() * real, tokens=kept_tok.sum() * real)
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+            if args.entropy_target is not None:
+                w = window.reduce()
+                control["entropy_last"] = w.ratio("entropy", "tokens")
+                control["entropy_coef"] = adapt_entropy_coef(control["entropy_coef"], control["entropy_last"],
+                                                             args.entropy_target, args.entropy_coef_delta,
+                                                             args.entropy_coef_min, args.entropy_coef_max)
+            if not torch.isfinite(gn):
+                print0(f"[rl_dapo] step {step} mini-batch {mb}: non-finite loss/gradient (norm {gn.item()}); update skipped")
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            optimizer.step()
+            grad_norms.append(gn.item())
+        r = tally.reduce()
+        first_mb_tokens = sum(batch.n_resp[i] for i in batch.mini(0))
+        return {"train/pg_loss": r.ratio("pg_loss", "tokens"), "train/clip_frac_upper": r.ratio("clip_hi", "tokens"),
+                "train/clip_frac_lower": r.ratio("clip_lo", "tokens"), "train/clip_frac_dual": r.ratio("dual", "tokens"),
+                "train/approx_kl": r.ratio("kl", "tokens"), "train/entropy": r.ratio("entropy", "tokens"),
+                "train/entropy_t1": r.ratio("entropy_t1", "tokens"),
+                "train/grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "train/updates": len(grad_norms),
+                "train/updates_skipped": skipped, "train/tokens": max(r["tokens"], 1),
+                "train/cov_selected_frac": r.ratio("cov_picked", "tokens"),
+                "train/entropy_selected_frac": r.ratio("entropy_kept", "tokens"),
+                "train/entropy_coef": control["entropy_coef"] if args.entropy_target is not None else args.entropy_coef,
+                "train/entropy_coef_applied": sum(applied) / max(len(applied), 1),
+                "rollout/logprob_diff_mean": r["diff"] / max(first_mb_tokens, 1),
+                "rollout/logprob_diff_max": r["diff_max"]}
+
+    # ------------------------------------------------------------------------- training loop
+    pbar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not info.is_main,
+                desc="rl_dapo", dynamic_ncols=True)
+    for step in pbar:
+        t_step = time.time()
+        lr_now = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
+        for g in optimizer.param_groups:
+            g["lr"] = lr_now
+        m = {"train/lr": lr_now}
+
+        # ---- 1-3: rollout, reward, dynamic sampling
+        kept, cursor, m_rollout = collect_groups(cursor)
         engine.sleep()
+        m |= m_rollout
 
         # The batch: the first prompts_per_step kept groups in stream order, whichever rank sampled them, as whole
         # mini-batches of ppo_mini_batch groups. A step that hit --max-gen-batches short of prompts_per_step trains
         # on its whole mini-batches only (none if it kept fewer than ppo_mini_batch groups), so every optimizer step
         # averages the same number of groups; verl raises instead, which ends a long run for one hard batch.
-        # The ranks agree on it from metadata alone (positions, scores, lengths); token ids and sampler log-probs
-        # stay on the rank that sampled them until the plan below sends each sequence to the rank that trains it.
-        meta = [{k: v for k, v in g.items() if k != "tensors"} for g in kept] if engine.tp_rank == 0 else []
-        pool = sorted((g for part in all_gather_objects(meta) for g in part), key=lambda g: g["position"])
+        pool = agree_on_groups(kept, speaks)              # metadata only: positions, scores, lengths
         n_use = min(len(pool), args.prompts_per_step) // args.ppo_mini_batch * args.ppo_mini_batch
-        own = engine.tp_rank == 0
-        tot = all_reduce([sum(all_acc) * own, len(all_acc) * own, sum(all_len) * own, sum(all_trunc) * own,
-                          sum(distinct) * own, groups_seen * own, gen_tokens * own, sampled_nll * own,
-                          all_right * own, all_wrong * own])
-        mx = all_reduce([max(all_len, default=0)], "max")
-        m |= {"rollout/accuracy": tot[0].item() / max(tot[1].item(), 1),
-              "rollout/reward_mean": (2 * tot[0].item() - tot[1].item()) / max(tot[1].item(), 1),
-              "rollout/response_len_mean": tot[2].item() / max(tot[1].item(), 1),
-              "rollout/response_len_max": mx[0].item(),
-              "rollout/clipped_frac": tot[3].item() / max(tot[1].item(), 1),
-              "rollout/distinct_answers": tot[4].item() / max(tot[5].item(), 1),
-              "rollout/groups_seen": tot[5].item(), "rollout/groups_kept": len(pool),
-              "rollout/groups_filtered": tot[5].item() - len(pool), "rollout/groups_used": n_use,
-              "rollout/groups_all_right": tot[8].item(), "rollout/groups_all_wrong": tot[9].item(),
-              "rollout/uniform_frac": (tot[8].item() + tot[9].item()) / max(tot[5].item(), 1),
-              "rollout/entropy_est": tot[7].item() / max(tot[6].item(), 1),
-              "rollout/gen_batches": gen_batches,
-              "time/rollout": t_gen, "time/grading": t_grade,
-              "perf/rollout_tokens_per_s": tot[6].item() / max(all_reduce(t_gen, "max").item(), 1e-9)}
+        m |= {"rollout/groups_kept": len(pool), "rollout/groups_filtered": m["rollout/groups_seen"] - len(pool),
+              "rollout/groups_used": n_use}
 
         # ---- 4-5: advantages and the PPO update
         t0 = time.time()
         if n_use == 0:
-            print0(f"[rl_dapo] step {step}: {len(pool)} groups with mixed answers after {gen_batches} generation "
-                   f"batches, fewer than --ppo-mini-batch {args.ppo_mini_batch}; no update")
+            print0(f"[rl_dapo] step {step}: {len(pool)} groups with mixed answers after {m['rollout/gen_batches']} "
+                   f"generation batches, fewer than --ppo-mini-batch {args.ppo_mini_batch}; no update")
         else:
-            # every sequence of the batch by index i: its group's advantages, owner rank, (tokens, response tokens)
-            advs, owner, sizes = [], [], []
-            for g in pool[:n_use]:
-                advs += group_advantages(torch.tensor([g["scores"]], dtype=torch.float32))[0].tolist()
-                owner += [g["rank"]] * len(g["sizes"])
-                sizes += g["sizes"]
-            n_resp = [r for _, r in sizes]
-            n_mini, per_mini = n_use // args.ppo_mini_batch, args.ppo_mini_batch * args.group_size
-            # plan[mb]: this rank's micro-batches of mini-batch mb, as indices i (None: a dummy forward). Every rank
-            # derives the same plan from the lengths (common/batching.py: token-balanced over ranks, token-budget
-            # micro-batches, the same count on every rank for FSDP's collectives); dest[i]: who trains sequence i.
-            plan, dest = [], [0] * len(sizes)
-            for lo in range(0, len(sizes), per_mini):
-                every = plan_micro_batches([t for t, _ in sizes[lo:lo + per_mini]], args.micro_batch_tokens, info.world_size)
-                for r, mbs in enumerate(every):
-                    for j in (j for mb in mbs if mb is not None for j in mb):
-                        dest[lo + j] = r
-                plan.append([[lo + j for j in mb] if mb is not None else None for mb in every[info.rank]])
-            by_pos = {g["position"]: g["tensors"] for g in kept}
-            local, i = {}, 0
-            for g in pool[:n_use]:
-                for j in range(len(g["sizes"])):
-                    if g["rank"] == info.rank and engine.tp_rank == 0:
-                        local[i] = by_pos[g["position"]][j]
-                    i += 1
-            data = exchange_sequences(owner, dest, sizes, local, info.rank, info.world_size,
-                                      device=info.device if info.device.type == "cuda" else None)
-            seqs = {i: (ids[:t - r].tolist(), ids[t - r:].tolist()) for i, (ids, _) in data.items()
-                    for t, r in [sizes[i]]}                      # this rank's sequences: (prompt ids, response ids)
-            sampler_lp = {i: lps for i, (_, lps) in data.items()}
-            # per-step sums kept on the device (one host sync per step, not one per micro-batch): loss, clip_hi,
-            # clip_lo, dual, kl, tokens, entropy, entropy_t1 (both of the policy that sampled), logprob diff sum,
-            # logprob diff max
-            stats = torch.zeros(10, dtype=torch.float64, device=info.device)
-            grad_norms, skipped = [], 0
-
-            old_lp = {}
-            if n_mini > 1:          # off-policy after the first update: pre-update log-probs (and entropies) first
-                for part in (mb for mini in plan for mb in mini):
-                    logp, ent, ent1 = forward_logprobs([seqs[i] for i in part or []], grad=False)
-                    old_lp |= dict(zip(part or [], logp.float().split([n_resp[i] for i in part or []])))
-                    stats[6:8] += torch.stack([ent.sum(), ent1.sum()]).to(stats) * bool(part)
-
-            scales = token_mean_scales(n_resp, per_mini, info.world_size)   # from global counts: every rank knows them
-            for mb in range(n_mini):
-                optimizer.zero_grad(set_to_none=True)
-                for part in plan[mb]:
-                    idx, real = part or [], float(part is not None)   # a dummy adds 0 to the loss and the stats
-                    logp, ent, ent1 = forward_logprobs([seqs[i] for i in idx], grad=True)
-                    dev = logp.device
-                    tok_adv = torch.tensor([advs[i] for i in idx for _ in range(n_resp[i])] or [0.0], device=dev)
-                    slp = torch.cat([sampler_lp[i] for i in idx]).to(dev) if idx else torch.zeros(1, device=dev)
-                    old = torch.cat([old_lp[i] for i in idx]).to(dev) if old_lp and idx else logp.detach().float()
-                    tis = (old - slp).exp().clamp(max=args.tis_cap) if args.tis_cap > 0 else None
-                    loss_tok, c_hi, c_lo, dual = dapo_token_loss(logp.float(), old, tok_adv, args.eps_low, args.eps_high,
-                                                                 args.dual_clip, tis)
-                    # token-level mean over the whole mini-batch on all ranks (token_mean_scales)
-                    loss = loss_tok.sum() * real * scales[mb]
-                    loss.backward()
-                    with torch.no_grad():
-                        ratio = torch.exp((logp.float() - old).clamp(-20.0, 20.0))
-                        diff = (old - slp).abs()
-                        first = mb == 0          # before any update: the engine's and the trainer's log-probs
-                        parts = [loss_tok.sum(), c_hi.sum(), c_lo.sum(), dual.sum(), ((ratio - 1) - torch.log(ratio)).sum(),
-                                 torch.tensor(len(logp)), ent.sum(), ent1.sum(), diff.sum() * first]
-                        parts = torch.stack([x.to(stats.device, torch.float64) for x in parts]) * real
-                        if n_mini > 1:
-                            parts[6:8] = 0       # entropies were taken in the pre-update pass
-                        stats[:9] += parts
-                        if first and real:
-                            stats[9] = torch.maximum(stats[9], diff.max().to(stats.device, torch.float64))
-                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
-                if not torch.isfinite(gn):
-                    print0(f"[rl_dapo] step {step} mini-batch {mb}: non-finite loss/gradient (norm {gn.item()}); update skipped")
-                    optimizer.zero_grad(set_to_none=True)
-                    skipped += 1
-                    continue
-                optimizer.step()
-                grad_norms.append(gn.item())
-            stats = stats.tolist()
-            tot = all_reduce(stats[:9])
-            ntok = max(tot[5].item(), 1)
-            first_mb_tokens = sum(n_resp[:per_mini])
-            m |= {"train/pg_loss": tot[0].item() / ntok, "train/clip_frac_upper": tot[1].item() / ntok,
-                  "train/clip_frac_lower": tot[2].item() / ntok, "train/clip_frac_dual": tot[3].item() / ntok,
-                  "train/approx_kl": tot[4].item() / ntok, "train/entropy": tot[6].item() / ntok,
-                  "train/entropy_t1": tot[7].item() / ntok,
-                  "train/grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "train/updates": len(grad_norms),
-                  "train/updates_skipped": skipped, "train/tokens": ntok,
-                  "rollout/logprob_diff_mean": tot[8].item() / max(first_mb_tokens, 1),
-                  "rollout/logprob_diff_max": all_reduce([stats[9]], "max")[0].item()}
+            advs = [a for g in pool[:n_use] for a in group_advantages(torch.tensor([g["scores"]], dtype=torch.float32))[0].tolist()]
+            # token ids and sampler log-probs go from the rank that sampled each sequence to the rank that trains it
+            batch = build_step_batch(pool[:n_use], {g["position"]: g["tensors"] for g in kept} if speaks else {},
+                                     args.ppo_mini_batch * args.group_size, args.micro_batch_tokens, info.rank,
+                                     info.world_size, device=info.device if info.device.type == "cuda" else None)
+            m |= update_policy(batch, advs, step)
             # a fresh run's first step samples from weights vLLM read from disk; later ones from the trainer's sync
             warn_logprob_mismatch(m["rollout/logprob_diff_mean"], step,
                                   first_after_sync=step == start_step + (0 if args.resume else 1))
@@ -554,7 +698,7 @@ def main(argv=None):
         pbar.set_postfix(acc=f"{m['rollout/accuracy']:.3f}", ent=f"{m.get('train/entropy_t1', float('nan')):.3f}",
                          kept=f"{m['rollout/groups_used']}")
         if (args.save_every and done % args.save_every == 0) or done == args.steps:
-            save_checkpoint(run_dir, done, model, tokenizer, optimizer, {"step": done, "cursor": cursor},
+            save_checkpoint(run_dir, done, model, tokenizer, optimizer, {"step": done, "cursor": cursor} | control,
                             keep_last=args.keep_last, dtype=export_dtype)
 
     # ------------------------------------------------------------------------- save

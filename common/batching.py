@@ -20,6 +20,8 @@ collator do):
 The loss math does not depend on any of this: every loss is a sum over tokens divided by the global token
 count of the mini-batch, so the partition into ranks and micro-batches changes only the order of the sums.
 """
+import dataclasses
+
 import torch
 
 
@@ -155,3 +157,72 @@ def exchange_sequences(owner: list[int], dest: list[int], sizes: list[tuple[int,
                 out.setdefault(i, [None, None])[k] = recv_buf[offset:offset + sizes[i][k]]
                 offset += sizes[i][k]
     return {i: tuple(v) for i, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- one training step's batch
+
+def agree_on_groups(kept: list[dict], contributes: bool) -> list[dict]:
+    """Every rank's kept groups, metadata only (no "tensors"), in stream order (their "position"): the ranks
+    agree on the step's batch without moving token ids. `contributes`: whether this rank's groups count (with
+    vLLM tensor parallelism the ranks of one engine replica sampled the same groups; one of them speaks)."""
+    from common.dist import all_gather_objects
+    meta = [{k: v for k, v in g.items() if k != "tensors"} for g in kept] if contributes else []
+    return sorted((g for part in all_gather_objects(meta) for g in part), key=lambda g: g["position"])
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """This rank's view of one training step's batch: sequences i = 0.. in stream order (group by group),
+    `per_mini` of them per mini-batch (one optimizer step each)."""
+    n_resp: list[int]                       # response tokens of every sequence of the step (all ranks)
+    per_mini: int                           # sequences per mini-batch
+    plan: list[list[list[int] | None]]      # plan[mb]: this rank's micro-batches of mini-batch mb (None: a dummy)
+    seqs: dict                              # {i: (prompt ids, response ids)} for this rank's sequences
+    sampler_logprobs: dict                  # {i: float32 [n_resp[i]]}: the rollout engine's log-probs
+
+    @property
+    def n_mini(self) -> int:
+        return len(self.plan)
+
+    def mini(self, mb: int) -> range:
+        """The sequences of mini-batch mb (all ranks)."""
+        return range(mb * self.per_mini, min((mb + 1) * self.per_mini, len(self.n_resp)))
+
+    def token_offsets(self) -> list[int]:
+        """offsets[i]: where sequence i's response tokens start among its mini-batch's (a global token id)."""
+        out = []
+        for mb in range(self.n_mini):
+            total = 0
+            for i in self.mini(mb):
+                out.append(total)
+                total += self.n_resp[i]
+        return out
+
+
+def build_step_batch(groups: list[dict], tensors: dict, per_mini: int, budget: int, rank: int, world_size: int,
+                     device=None) -> StepBatch:
+    """groups: the step's groups in stream order, each {"position", "rank" (who sampled it), "sizes": [(tokens,
+    response tokens)] per sequence}; tensors: {position: [(token ids, sampler log-probs)]} for the groups this
+    rank sampled (and speaks for). Plans every mini-batch's micro-batches (the same plan on every rank, from the
+    lengths alone) and sends each sequence from the rank that sampled it to the rank that trains on it."""
+    owner, sizes = [], []
+    for g in groups:
+        owner += [g["rank"]] * len(g["sizes"])
+        sizes += g["sizes"]
+    plan, dest = [], [0] * len(sizes)
+    for lo in range(0, len(sizes), per_mini):
+        every = plan_micro_batches([t for t, _ in sizes[lo:lo + per_mini]], budget, world_size)
+        for r, mbs in enumerate(every):
+            for j in (j for mb in mbs if mb is not None for j in mb):
+                dest[lo + j] = r
+        plan.append([[lo + j for j in mb] if mb is not None else None for mb in every[rank]])
+    local, i = {}, 0
+    for g in groups:
+        for j in range(len(g["sizes"])):
+            if g["position"] in tensors:
+                local[i] = tensors[g["position"]][j]
+            i += 1
+    data = exchange_sequences(owner, dest, sizes, local, rank, world_size, device=device)
+    seqs = {i: (ids[:t - r].tolist(), ids[t - r:].tolist()) for i, (ids, _) in data.items() for t, r in [sizes[i]]}
+    return StepBatch(n_resp=[r for _, r in sizes], per_mini=per_mini, plan=plan, seqs=seqs,
+                     sampler_logprobs={i: lps for i, (_, lps) in data.items()})

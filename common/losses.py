@@ -10,7 +10,8 @@ them to what is needed, and drop them: the peak is a few [chunk_size, V] buffers
                               temperature-scaled self-teacher softmax(z_t / tau), mean over masked
                               tokens, with per-token diagnostics (entropies, divergence, top-1 agreement)
                               from the same pass.
-    chunked_logprob_entropy   the RL trainer's log pi(target) (with gradient) and token entropy (without).
+    chunked_logprob_entropy   the RL trainer's log pi(target) (with gradient) and token entropy (optionally
+                              with gradient: the entropy bonus).
     entropy_from_hidden       token entropy only, e.g. to monitor reheating or stop at a target entropy.
 
 The per-chunk math lives in plain functions that run either compiled with torch.compile (dynamic=False:
@@ -316,8 +317,20 @@ def _logprob_grad_chunk_(z, targets, lse, grad_logprob, inv_temp: float):
     z.copy_((onehot.to(p.dtype) - p) * (grad_logprob * inv_temp)[:, None])
 
 
+def _logprob_entropy_grad_chunk_(z, targets, lse, entropy, grad_logprob, grad_entropy, inv_temp: float):
+    """As _logprob_grad_chunk_, plus the entropy's gradient: with p = softmax(z / T) and H = -sum p log p,
+    dH/dz = -p (log p + H) / T, so z becomes (g_lp (onehot - p) - g_H p (log p + H)) / T."""
+    zf = z.to(lse.dtype) * inv_temp
+    logp = zf - lse[:, None]
+    p = logp.exp()
+    onehot = torch.arange(z.shape[1], device=z.device) == targets[:, None]
+    z.copy_(((onehot.to(p.dtype) - p) * grad_logprob[:, None] - p * (logp + entropy[:, None]) * grad_entropy[:, None])
+            * inv_temp)
+
+
 _logprob_entropy_chunk_compiled = _maybe_compile(_logprob_entropy_chunk)
 _logprob_grad_chunk_compiled = _maybe_compile(_logprob_grad_chunk_)
+_logprob_entropy_grad_chunk_compiled = _maybe_compile(_logprob_entropy_grad_chunk_)
 
 
 def _pad_rows(x: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -328,10 +341,10 @@ def _pad_rows(x: torch.Tensor, n_rows: int) -> torch.Tensor:
 
 
 class ChunkedLogprobEntropy(torch.autograd.Function):
-    """log softmax(h W^T / T)[target] with gradient, entropy without; see chunked_logprob_entropy."""
+    """log softmax(h W^T / T)[target] with gradient, entropy with or without; see chunked_logprob_entropy."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, compiled):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, compiled, entropy_grad):
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         acc, device = _acc_dtype(hidden.dtype), hidden.device
         fwd_fn = _logprob_entropy_chunk_compiled if compiled else _logprob_entropy_chunk
@@ -345,22 +358,30 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
             for r in range(0, chunk_size, block):
                 a, b = c0 + r, c0 + r + block
                 out[:, a:b] = torch.stack(fwd_fn(z[r:r + block], targets[a:b], 1.0 / temperature))
-        logprobs, entropy, lse = out[0, :n_tokens].clone(), out[1, :n_tokens].clone(), out[2]
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        logprobs, entropy, lse, ent_rows = out[0, :n_tokens].clone(), out[1, :n_tokens].clone(), out[2], out[1]
+        ctx.save_for_backward(hidden, weight, targets, lse, ent_rows)
         ctx.temperature, ctx.chunk_size, ctx.compiled = temperature, chunk_size, compiled
-        ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)     # an unused output (usually the entropy) gets no zero-filled grad
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
-    def backward(ctx, grad_logprobs, unused_grad_entropy):
-        hidden, weight, targets, lse = ctx.saved_tensors  # targets and lse padded to n_rows
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, targets, lse, ent_rows = ctx.saved_tensors  # targets, lse, entropies padded to n_rows
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         chunk_size, n_tokens, n_rows = ctx.chunk_size, hidden.shape[0], lse.shape[0]
-        grad_fn = _logprob_grad_chunk_compiled if ctx.compiled else _logprob_grad_chunk_
         grad_h = torch.empty_like(hidden) if need_dh else None
         grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_dw else None
         # zero upstream gradient on the padding rows makes their dz exactly 0
-        grad_logprobs = _pad_rows(grad_logprobs.to(lse.dtype), n_rows)
+        grad_logprobs = _pad_rows(grad_logprobs.to(lse.dtype), n_rows) if grad_logprobs is not None else \
+            torch.zeros(n_rows, dtype=lse.dtype, device=lse.device)
+        if grad_entropy is None:      # the RL loss without an entropy term: the one-term kernel
+            grad_fn = _logprob_grad_chunk_compiled if ctx.compiled else _logprob_grad_chunk_
+            extra = ()
+        else:
+            grad_fn = _logprob_entropy_grad_chunk_compiled if ctx.compiled else _logprob_entropy_grad_chunk_
+            extra = (_pad_rows(grad_entropy.to(lse.dtype), n_rows),)
         z = torch.empty(chunk_size, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
         block = _row_block(chunk_size, weight.shape[0], hidden.device)
         for c0 in range(0, n_rows, chunk_size):
@@ -368,7 +389,11 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
             torch.mm(h, weight.T, out=z)  # recompute the chunk's logits
             for r in range(0, chunk_size, block):
                 a, b = c0 + r, c0 + r + block
-                grad_fn(z[r:r + block], targets[a:b], lse[a:b], grad_logprobs[a:b], 1.0 / ctx.temperature)
+                if extra:
+                    grad_fn(z[r:r + block], targets[a:b], lse[a:b], ent_rows[a:b], grad_logprobs[a:b],
+                            extra[0][a:b], 1.0 / ctx.temperature)
+                else:
+                    grad_fn(z[r:r + block], targets[a:b], lse[a:b], grad_logprobs[a:b], 1.0 / ctx.temperature)
             if need_dh:
                 n_real = min(chunk_size, n_tokens - c0)
                 grad_h[c0:c0 + n_real] = (z @ weight)[:n_real]
@@ -376,7 +401,7 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
                 _accumulate_weight_grad(grad_w, z, h)
         if need_dw:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def _check_logprob_args(hidden, weight, temperature, chunk_size):
@@ -390,12 +415,14 @@ def _check_logprob_args(hidden, weight, temperature, chunk_size):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def chunked_logprob_entropy(hidden, weight, targets, *, temperature=1.0, chunk_size=256, compiled=True):
+def chunked_logprob_entropy(hidden, weight, targets, *, temperature=1.0, chunk_size=256, compiled=True,
+                            entropy_grad=False):
     """Per-token log-prob of `targets` and full-vocabulary entropy, never holding [N, V] logits.
 
     hidden [N, H], weight [V, H] (the lm_head), targets [N] long. logits = hidden @ weight.T / temperature.
     Returns (logprobs [N], entropy [N]) in fp32 (fp64 for fp64 inputs): logprobs = log_softmax(logits)[targets]
-    carries gradient to hidden and weight; entropy = -sum_v p log p is detached.
+    carries gradient to hidden and weight; entropy = -sum_v p log p is detached unless `entropy_grad` (rl_dapo's
+    --entropy-coef bonus; backward then runs a kernel with the extra term dH/dz = -p (log p + H) / T).
 
     Why: the RL loss needs log pi(y_t) at every response token and the token entropy is the quantity
     reheating is about, but with Qwen3's 151,936-entry vocabulary one 16k-token micro-batch of fp32 logits
@@ -407,7 +434,8 @@ def chunked_logprob_entropy(hidden, weight, targets, *, temperature=1.0, chunk_s
     if targets.shape != (hidden.shape[0],) or targets.dtype != torch.long:
         raise ValueError(f"targets must be a long tensor of shape ({hidden.shape[0]},), got {targets.dtype} "
                          f"{tuple(targets.shape)}")
-    return ChunkedLogprobEntropy.apply(hidden, weight, targets, float(temperature), chunk_size, compiled)
+    return ChunkedLogprobEntropy.apply(hidden, weight, targets, float(temperature), chunk_size, compiled,
+                                       bool(entropy_grad))
 
 
 @torch.no_grad()
