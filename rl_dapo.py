@@ -17,6 +17,9 @@ The RL stage of the TS-OPSD paper: it produces the entropy-collapsed checkpoint,
      of the mini-batch (every micro-batch, every rank) / their global count ("token-level" mean); one epoch of
      mini-batches. Micro-batches are padding-free packed rows of at most --micro-batch-tokens tokens, the
      mini-batch's sequences dealt to the ranks by tokens (common/batching.py); that changes no number above.
+     Optional objective-side entropy remedies, all off by default (README.md#entropy-remedies): an entropy
+     bonus (fixed or adaptive), Clip-Cov / KL-Cov, high-entropy-token selection; tokens are selected over the
+     whole mini-batch on all ranks.
   6. push the new weights into the rollout engine
 
 Departures from DAPO/verl, on purpose: one process group does both training and generation (no Ray);
@@ -592,12 +595,11 @@ def main(argv=None):
                     args.policy_loss, logp.float(), old, adv, pick, eps_low=args.eps_low, eps_high=args.eps_high,
                     dual_clip=args.dual_clip, kl_cov_coef=args.kl_cov_coef, tis_weight=tis)
                 kept_tok = per_token(keep, idx, dev, True) if keep else torch.ones_like(pick)
-                if coef > 0:
-                    loss_tok = loss_tok - coef * ent.float()      # the entropy bonus
                 if keep:
                     loss_tok = loss_tok * kept_tok                # 80/20: only high-entropy tokens learn
+                bonus = coef * (ent.float() * kept_tok).sum() if coef > 0 else 0.0   # entropy bonus, same tokens
                 # token-level mean over the whole mini-batch on all ranks (token_mean_scales)
-                loss = loss_tok.sum() * real * scales[mb]
+                loss = (loss_tok.sum() - bonus) * real * scales[mb]
                 loss.backward()
                 with torch.no_grad():
                     ratio = torch.exp((logp.float() - old).clamp(-20.0, 20.0))

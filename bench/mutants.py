@@ -55,6 +55,7 @@ RL_DIRECTION = SCI + "test_rl_step_raises_log_p_of_right_answers_and_lowers_wron
 RL_SCORES = SCI + "test_rl_step_scores_are_the_dapo_rewards_and_only_mixed_groups_train"
 KL_REFERENCE = "tests/test_losses.py::test_kl_matches_reference_float64"
 REHEAT_STEP = SCI + "test_reheat_step_distils_toward_the_tempered_start_model"
+REM = "tests/test_remedies.py::"
 
 MUTANTS = [
     # ---- rl_dapo.py: rewards, advantages, the PPO-clip loss, its normaliser
@@ -159,6 +160,32 @@ MUTANTS = [
     Mutant("cycle_ignores_cursor", "common/data.cycle_problems starts every draw at the stream's beginning",
            [("common/data.py", "for j in range(cursor, cursor + count):", "for j in range(count):")],
            ["tests/test_data.py::test_cycle_problems_is_one_seeded_permutation_per_epoch_and_the_cursor_continues_it"]),
+    # ---- rl_dapo.py: the entropy remedies (issue 19)
+    Mutant("entropy_bonus_sign", "the entropy bonus is a penalty: loss + c H",
+           [("rl_dapo.py", "loss = (loss_tok.sum() - bonus) * real * scales[mb]",
+             "loss = (loss_tok.sum() + bonus) * real * scales[mb]")],
+           [REM + "test_entropy_bonus_raises_the_policy_entropy"]),
+    Mutant("entropy_gradient_sign", "the chunked head's entropy gradient has the wrong sign",
+           [("common/losses.py", "- p * (logp + entropy[:, None]) * grad_entropy[:, None])",
+             "+ p * (logp + entropy[:, None]) * grad_entropy[:, None])")],
+           [REM + "test_entropy_gradient_matches_float64_reference"]),
+    Mutant("clip_cov_keeps_picked", "Clip-Cov picks tokens but leaves their gradient",
+           [("rl_dapo.py", "loss = loss * ~picked", "loss = loss * 1")],
+           [REM + "test_clip_cov_matches_verl_on_one_selection_set"]),
+    Mutant("kl_cov_signed", "KL-Cov penalises log r instead of |log r|",
+           [("rl_dapo.py", "kl_cov_coef * log_ratio.abs() * picked", "kl_cov_coef * log_ratio * picked")],
+           [REM + "test_kl_cov_matches_verl"]),
+    Mutant("low_entropy_tokens", "80/20 keeps the low-entropy tokens",
+           [("rl_dapo.py", "return entropy.double() >= global_quantile(entropy, 1.0 - rho)",
+             "return entropy.double() <= global_quantile(entropy, rho)")],
+           [REM + "test_high_entropy_tokens_match_trl"]),
+    Mutant("adaptive_backwards", "the adaptive controller raises the coefficient when entropy is high",
+           [("rl_dapo.py", "return min(coef + delta, hi) if entropy <= target else max(coef - delta, lo)",
+             "return min(coef + delta, hi) if entropy > target else max(coef - delta, lo)")],
+           [REM + "test_adaptive_entropy_coefficient_trajectory"]),
+    Mutant("top_k_per_rank", "the global top-k keeps each rank's own best k (per-rank selection, as verl)",
+           [("common/select.py", "chosen = all_i[_order(all_s, all_i)[:k]]", "chosen = i[best]")],
+           [REM + "test_global_selection_equals_the_selection_on_all_tokens"]),
     Mutant("activation_checkpointing_off", "shard_model leaves the model in eval mode: checkpointing never runs",
            [("common/dist.py", "root.train(requires_grad)", "root.eval()")],
            ["tests/test_activation_checkpointing.py::test_the_loaded_model_recomputes_every_layer_in_backward"]),
