@@ -1,13 +1,15 @@
 """Token-budget micro-batches and padding-free packing (common/batching.py): the plan covers every sequence
 once within the budget, is balanced and equal-length over ranks; a packed row computes exactly what the
-right-padded batch computed (log-probs, entropies, gradients; rl_dapo's head, reheat's student and teacher)."""
+right-padded batch computed (log-probs, entropies, gradients; rl_dapo's head, reheat's student and teacher). The
+models are the scripts' own: common.loading.load_sharded (the policy / student) and frozen_copy (the teacher)."""
 import random
 
 import pytest
 import torch
 
 from common.batching import pack_padding_free, padded_vs_packed_tokens, plan_micro_batches
-from common.dist import DistInfo, shard_model
+from common.dist import DistInfo, full_params, unwrap
+from common.loading import frozen_copy, load_sharded
 from common.losses import chunked_logprob_entropy, fused_linear_kl
 from common.rollout import pack_sequences
 
@@ -76,14 +78,15 @@ def _forward_inputs(seqs, packed: bool):
 
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_untied"])
 def test_packed_logprobs_entropies_and_gradients_equal_padded(fixture, request):
-    """rl_dapo's head on one packed row vs the right-padded batch with an attention mask (fp32, 1e-5)."""
-    from transformers import AutoModelForCausalLM
+    """rl_dapo's head on one packed row vs the right-padded batch with an attention mask (fp32, 1e-5), on
+    rl_dapo's model (load_sharded, in the training mode it leaves)."""
     path = request.getfixturevalue(fixture)["model"]
     torch.manual_seed(0)
     seqs = _sequences(random.Random(1), 6, 200)
     results = []
     for packed in (False, True):
-        model = shard_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), DistInfo(), "none")
+        model = load_sharded(path, DistInfo(), "fsdp")             # as rl_dapo.py builds it (one process)
+        assert model.training
         ids, kw, pred, targets = _forward_inputs(seqs, packed)
 
         def head(hidden, weight):
@@ -102,10 +105,9 @@ def test_packed_logprobs_entropies_and_gradients_equal_padded(fixture, request):
 
 def test_packed_without_position_restarts_is_not_the_same(tiny):
     """The check above can fail: a packed row whose positions run on (no restart) attends across sequences."""
-    from transformers import AutoModelForCausalLM
     seqs = _sequences(random.Random(2), 4, 200)
     ids, pos, pred, _ = pack_padding_free(seqs, "cpu")
-    lm = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32).eval()
+    lm = unwrap(load_sharded(tiny["model"], DistInfo(), "fsdp"))
     with torch.no_grad():
         a = lm.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[pred]
         b = lm.model(input_ids=ids, use_cache=False).last_hidden_state[pred]
@@ -114,23 +116,23 @@ def test_packed_without_position_restarts_is_not_the_same(tiny):
 
 def test_packed_reheat_student_and_frozen_teacher_equal_padded(tiny_untied):
     """reheat_tsopsd's pattern: the frozen teacher's hidden states at the response positions, then the fused KL
-    head in the student's forward; packed vs padded, loss, statistics and gradients (fp32, 1e-5)."""
-    from transformers import AutoModelForCausalLM
+    head in the student's forward; packed vs padded, loss, statistics and gradients (fp32, 1e-5). The student is
+    load_sharded's and the teacher frozen_copy's of the unperturbed student, as reheat_tsopsd.py builds them."""
     path = tiny_untied["model"]
     seqs = _sequences(random.Random(3), 5, 200)
     results = []
     for packed in (False, True):
         torch.manual_seed(0)
-        student = shard_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), DistInfo(), "none")
+        student = load_sharded(path, DistInfo(), "fsdp")
+        teacher = frozen_copy(student, DistInfo(), "fsdp")   # theta_0, before the student moves
+        assert student.training and not teacher.training
         with torch.no_grad():                                # a student a little away from the teacher
             for p in student.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-        teacher = shard_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), DistInfo(), "none",
-                              requires_grad=False).eval()
         ids, kw, pred, _ = _forward_inputs(seqs, packed)
         with torch.no_grad():
             t_h = teacher(ids, head=lambda h, w: h[pred].clone(), **kw)
-        t_w = teacher.lm.lm_head.weight.detach()
+        t_w = next(t for _, t in full_params(teacher, names={"lm_head.weight"}))   # the script's teacher_weight
 
         def head(hidden, weight):
             h = hidden[pred]
@@ -153,11 +155,10 @@ def test_flex_attention_confines_a_packed_row_like_the_padded_batch(tiny):
     """The GPU path without flash-attn: transformers' flex_attention block mask built from the restarting
     position ids. CPU flex_attention has no backward, so the forward only (the hidden states at the response
     positions, fp32, vs sdpa on the padded batch)."""
-    from transformers import AutoModelForCausalLM
     from common.batching import attention_implementation
     assert attention_implementation("cpu") == "sdpa"
     seqs = _sequences(random.Random(4), 5, 200)
-    lm = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32).eval()
+    lm = unwrap(load_sharded(tiny["model"], DistInfo(), "fsdp"))
     ids, attn, pred, _ = pack_sequences(seqs, 0, "cpu")
     with torch.no_grad():
         ref = lm.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state[pred]

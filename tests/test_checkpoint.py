@@ -21,24 +21,6 @@ from common.checkpoint import (check_disk_space, checkpoint_bytes, count_params,
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load(model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    return AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-
-
-def trained(model_dir, steps=2):
-    """The fixture model after a few AdamW steps, so weights and optimizer moments are non-trivial."""
-    model, tok = load(model_dir)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        ids = torch.randint(0, 300, (2, 12), generator=g)
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return model, tok, opt
-
-
 def draws():
     return [random.random(), float(np.random.rand()), torch.rand(3).tolist()]
 
@@ -67,6 +49,19 @@ def lm_loss(model, ids):
     """Next-token cross-entropy of the scripts' root, computed by a head inside its forward as the scripts' are."""
     import torch.nn.functional as F
     return model(ids, head=lambda h, w: F.cross_entropy((h[:, :-1] @ w.T).flatten(0, 1), ids[:, 1:].flatten()))
+
+
+def fresh_model(model_dir):
+    """The scripts' one-process model as loaded (common.loading.load_sharded), untrained."""
+    from common.dist import DistInfo
+    from common.loading import load_sharded
+    return load_sharded(model_dir, DistInfo(), "fsdp")
+
+
+def hf(model):
+    """The HF model inside the scripts' root (common.dist.unwrap), for what only a HF model has."""
+    from common.dist import unwrap
+    return unwrap(model)
 
 
 def scripts_model_trained(model_dir, steps=2):
@@ -129,14 +124,14 @@ def test_round_trip_restores_weights_optimizer_rng_and_state(export, tiny, tmp_p
 @pytest.mark.parametrize("which", ["tiny", "tiny_untied"])
 def test_hf_dir_loads_as_is_with_same_logits_and_tying(which, request, tmp_path):
     from transformers import AutoModelForCausalLM
-    model, tok, opt = trained(request.getfixturevalue(which)["model"])
+    model, tok, opt = scripts_model_trained(request.getfixturevalue(which)["model"])
     ckpt = save_checkpoint(str(tmp_path), 2, model, tok, opt)
     assert {"config.json", "generation_config.json", "tokenizer.json"} <= set(os.listdir(ckpt))
     loaded = AutoModelForCausalLM.from_pretrained(ckpt)
     ids = torch.arange(2, 26).view(2, 12)
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
-    assert loaded.generation_config.eos_token_id == model.generation_config.eos_token_id
+        assert torch.equal(loaded(input_ids=ids).logits, hf(model)(input_ids=ids).logits)
+    assert loaded.generation_config.eos_token_id == hf(model).generation_config.eos_token_id
     tied = which == "tiny"
     # Qwen3-4B style: one tensor on disk, re-tied on load; Qwen3-8B style: both on disk, separate.
     assert ("lm_head.weight" in safetensors_keys(ckpt)) == (not tied)
@@ -154,7 +149,7 @@ def test_bf16_export_is_the_weights_rounded_and_loads_as_bf16(which, request, tm
     """dtype=torch.bfloat16: the checkpoint's and save_hf's HF dirs hold bf16 tensors (a tied head once), say
     "bfloat16" in config.json, and from_pretrained loads them as bf16 equal to the fp32 weights rounded."""
     from transformers import AutoModelForCausalLM
-    model, tok, opt = trained(request.getfixturevalue(which)["model"])
+    model, tok, opt = scripts_model_trained(request.getfixturevalue(which)["model"])
     assert stored_dtype(request.getfixturevalue(which)["model"]) == torch.float32
     ckpt = save_checkpoint(str(tmp_path), 2, model, tok, opt, dtype=torch.bfloat16)
     final = save_hf(str(tmp_path / "final"), model, tok, dtype=torch.bfloat16)
@@ -169,7 +164,7 @@ def test_bf16_export_is_the_weights_rounded_and_loads_as_bf16(which, request, tm
         assert loaded.dtype == torch.bfloat16
         assert (loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()) == tied
         got = dict(loaded.named_parameters(remove_duplicate=False))
-        for name, p in model.named_parameters(remove_duplicate=False):
+        for name, p in hf(model).named_parameters(remove_duplicate=False):
             assert torch.equal(got[name], p.detach().to(torch.bfloat16)), (out, name)
     # half the bytes of the fp32 export
     fp32 = save_hf(str(tmp_path / "final32"), model, tok)
@@ -180,11 +175,11 @@ def test_bf16_export_is_the_weights_rounded_and_loads_as_bf16(which, request, tm
 def test_old_layout_resumes_from_its_hf_weights(tiny, tmp_path):
     """A checkpoint written before resume/model/ existed (fp32 HF export + resume/optimizer/, ...): load_checkpoint
     reads the HF weights, exactly; a bf16 export in that layout resumes rounded, with a warning."""
-    model, tok, opt = trained(tiny["model"])
+    model, tok, opt = scripts_model_trained(tiny["model"])
     old = save_checkpoint(str(tmp_path), 3, model, tok, opt)   # the export as held (fp32), as the old layout wrote it
     shutil.rmtree(os.path.join(old, "resume", "model"))        # which had no DCP weights
     assert sorted(os.listdir(os.path.join(old, "resume"))) == ["optimizer", "rng_rank0.pt", "trainer_state.json"]
-    fresh, _ = load(tiny["model"])
+    fresh = fresh_model(tiny["model"])
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=5.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                          # fp32 on disk and in the model: no warning
@@ -216,7 +211,7 @@ def test_sizes_count_params_and_checkpoint_bytes(which, request, tmp_path):
     """count_params and checkpoint_bytes against a hand count, and against what save_checkpoint writes."""
     model_dir = request.getfixturevalue(which)["model"]
     n = hand_count(json.load(open(os.path.join(model_dir, "config.json"))))
-    model, tok, opt = trained(model_dir, steps=1)
+    model, tok, opt = scripts_model_trained(model_dir, steps=1)
     assert count_params(model) == n
     assert checkpoint_bytes(n, torch.bfloat16) == n * (4 + 4 + 4 + 2)      # fp32 weights, exp_avg, exp_avg_sq, bf16
     assert checkpoint_bytes(n, None) == checkpoint_bytes(n, torch.float32) == n * 16
@@ -284,17 +279,17 @@ def test_check_disk_space_exits_with_one_line(tmp_path, monkeypatch):
 
 
 def test_crash_mid_save_leaves_only_tmp_and_next_save_cleans_up(tiny, tmp_path, monkeypatch):
-    model, tok, opt = trained(tiny["model"], steps=1)
+    model, tok, opt = scripts_model_trained(tiny["model"], steps=1)
     run = str(tmp_path)
     first = save_checkpoint(run, 1, model, tok, opt)
 
-    original = type(model).save_pretrained
+    original = type(hf(model)).save_pretrained
 
     def crash(self, *args, **kwargs):                # the weights get written, then the process "dies"
         original(self, *args, **kwargs)
         raise RuntimeError("killed mid-save")
 
-    monkeypatch.setattr(type(model), "save_pretrained", crash)
+    monkeypatch.setattr(type(hf(model)), "save_pretrained", crash)
     with pytest.raises(RuntimeError, match="killed mid-save"):
         save_checkpoint(run, 2, model, tok, opt)
     monkeypatch.undo()
@@ -307,7 +302,7 @@ def test_crash_mid_save_leaves_only_tmp_and_next_save_cleans_up(tiny, tmp_path, 
 
 
 def test_keep_last_prunes_oldest_and_resave_replaces(tiny, tmp_path):
-    model, tok, _ = trained(tiny["model"], steps=1)
+    model, tok, _ = scripts_model_trained(tiny["model"], steps=1)
     run = str(tmp_path)
     for step in (1, 2, 3):
         save_checkpoint(run, step, model, tok, keep_last=2)   # no optimizer: weights, RNG, state only
@@ -321,7 +316,7 @@ def test_keep_last_prunes_oldest_and_resave_replaces(tiny, tmp_path):
 
 
 def test_clear_errors(tiny, tmp_path):
-    model, tok, opt = trained(tiny["model"], steps=1)
+    model, tok, opt = scripts_model_trained(tiny["model"], steps=1)
     with pytest.raises(FileNotFoundError, match="latest_checkpoint"):
         load_checkpoint(str(tmp_path / "checkpoints" / "step_000009"), model)
     hf_only = save_hf(str(tmp_path / "final"), model, tok)
@@ -379,12 +374,14 @@ def test_vllm_loads_checkpoint_as_is(export, tiny, tmp_path):
     not on disk. dtype="float32" as common/rollout.py runs vLLM on a CPU."""
     vllm = pytest.importorskip("vllm")
     from transformers import AutoModelForCausalLM
-    model, tok, opt = trained(tiny["model"])
+    model, tok, opt = scripts_model_trained(tiny["model"])
     ckpt = save_checkpoint(str(tmp_path), 2, model, tok, opt, dtype=export)
     if export is not None:      # the reference: the export read back in fp32, i.e. the weights rounded to bf16
         rounded = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-        assert not all(torch.equal(a, b) for a, b in zip(rounded.parameters(), model.parameters()))
+        assert not all(torch.equal(a, b) for a, b in zip(rounded.parameters(), hf(model).parameters()))
         model = rounded
+    else:
+        model = hf(model)
     ids = tok("What is 3+22?\nAnswer: 25").input_ids
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].double(), -1)

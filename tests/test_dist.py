@@ -1,11 +1,14 @@
 """common/dist.py in one process: the training root (LMWithHead), activation checkpointing, bf16 autocast,
-the weight-sync iterator, seeds, and the checkpoint-path check. (Multi-process sharding is exercised by the
-torchrun tests of each script.)"""
+the weight-sync iterator, seeds, and the checkpoint-path check. The model under test is the scripts' own:
+common.loading.load_sharded, which in one process is from_pretrained (fp32) then shard_model; a plain
+from_pretrained model is only ever the reference. (Multi-process sharding is exercised by the torchrun tests of
+each script.)"""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.dist import DistInfo, check_model_path, derive_seed, full_params, shard_model, unwrap
+from common.dist import DistInfo, check_model_path, derive_seed, full_params, unwrap
+from common.loading import load_sharded
 
 
 def _loss_head(targets):
@@ -17,7 +20,7 @@ def _loss_head(targets):
 
 def _grads(model_dir, ids, **shard_kwargs):
     torch.manual_seed(0)
-    model = shard_model(AutoModelForCausalLM.from_pretrained(model_dir), DistInfo(), "none", **shard_kwargs)
+    model = load_sharded(model_dir, DistInfo(), "fsdp", **shard_kwargs)     # as the scripts build it
     assert model.training                       # shard_model's own mode: from_pretrained returns eval
     loss = model(ids[:, :-1], attention_mask=torch.ones_like(ids[:, :-1]), head=_loss_head(ids[:, 1:]))
     loss.backward()
@@ -25,11 +28,12 @@ def _grads(model_dir, ids, **shard_kwargs):
 
 
 def test_head_sees_the_lm_head_weight_and_matches_the_hf_logits(tiny):
-    lm = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    lm = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)       # the reference
     ids = torch.randint(0, lm.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = load_sharded(tiny["model"], DistInfo(), "fsdp", bf16=False)
     with torch.no_grad():
         ref = lm(ids).logits
-        got = shard_model(lm, DistInfo(), "none", bf16=False)(ids, head=lambda h, w: h @ w.T)
+        got = model(ids, head=lambda h, w: h @ w.T)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -54,7 +58,7 @@ def test_bf16_autocast_without_fsdp_is_bf16_compute_on_fp32_weights(tiny):
         seen["dtypes"] = (hidden.dtype, weight.dtype)
         return _loss_head(ids[:, 1:])(hidden, weight)
 
-    model = shard_model(AutoModelForCausalLM.from_pretrained(tiny["model"]), DistInfo(), "none", bf16=True)
+    model = load_sharded(tiny["model"], DistInfo(), "fsdp", bf16=True)
     loss = model(ids[:, :-1], head=head)
     loss.backward()
     assert seen["dtypes"] == (torch.bfloat16, torch.bfloat16)
@@ -66,8 +70,8 @@ def test_bf16_autocast_without_fsdp_is_bf16_compute_on_fp32_weights(tiny):
 @pytest.mark.parametrize("which", ["tiny", "tiny_untied"])
 def test_full_params_sends_each_weight_once_under_its_hf_name(which, request):
     paths = request.getfixturevalue(which)
-    lm = AutoModelForCausalLM.from_pretrained(paths["model"])
-    model = shard_model(lm, DistInfo(), "none")
+    lm = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32)     # the reference
+    model = load_sharded(paths["model"], DistInfo(), "fsdp")
     sent = list(full_params(model, dtype=torch.bfloat16))
     names = [n for n, _ in sent]
     assert len(names) == len(set(names))
@@ -100,4 +104,4 @@ def test_check_model_path(tiny, tmp_path):
 
 def test_shard_model_rejects_an_unknown_mode(tiny):
     with pytest.raises(ValueError, match="--sharding must be fsdp, ddp or none"):
-        shard_model(AutoModelForCausalLM.from_pretrained(tiny["model"]), DistInfo(), "zero3")
+        load_sharded(tiny["model"], DistInfo(), "zero3")

@@ -1,15 +1,30 @@
-"""Rollout engines: shapes of the output, stop tokens, and the log-probs they report vs the trainer's."""
+"""Rollout engines: shapes of the output, stop tokens, and the log-probs they report vs the trainer's. Each engine is
+built as the scripts build it: common.rollout.make_engine, around the training scripts' model
+(common.loading.load_sharded) or evaluate.py's inference model (evaluate.hf_model)."""
 import math
 import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from common.dist import DistInfo, full_params, shard_model
-from common.rollout import HFEngine, stop_token_ids
+from common.dist import DistInfo, full_params, unwrap
+from common.loading import load_sharded
+from common.rollout import make_engine, stop_token_ids
 
 PROMPTS = ["What is 3+22?\n", "What is 51-7+9?\n"]
+
+
+def engine_for(kind, model, model_path, tok, info=None, *, max_model_len=256, **kwargs):
+    """The engine as rl_dapo.py / reheat_tsopsd.py / evaluate.py make it (common.rollout.make_engine)."""
+    return make_engine(kind, model=model, model_path=model_path, tokenizer=tok, info=info or DistInfo(),
+                       max_model_len=max_model_len, seed=0, **kwargs)
+
+
+def eval_model(path):
+    """evaluate.py's inference model for the HF engine (fp32 on a CPU, eval mode, frozen)."""
+    import evaluate
+    return evaluate.hf_model(path, torch.device("cpu"))
 
 
 def trainer_logprobs(lm, sample, temperature, top_p=1.0):
@@ -51,7 +66,8 @@ def test_hf_engine_logprobs_match_trainer(tiny, temperature, top_p, monkeypatch)
     """The HF engine's per-token log-probs are those of the law it sampled from (temperature, then the top-p
     nucleus), computed in float64 from the trainer's logits; fixed seeds give the same samples again."""
     tok = AutoTokenizer.from_pretrained(tiny["model"])
-    lm = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    model = load_sharded(tiny["model"], DistInfo(), "fsdp")       # the training scripts' model, in training mode
+    lm = unwrap(model)
     # sampling defaults a checkpoint may carry (Qwen3's instruct models do): none of them may reach the sampler
     cfg = lm.generation_config
     cfg.temperature, cfg.top_k, cfg.min_p, cfg.typical_p, cfg.repetition_penalty = 0.6, 20, 0.2, 0.5, 1.3
@@ -62,7 +78,8 @@ def test_hf_engine_logprobs_match_trainer(tiny, temperature, top_p, monkeypatch)
         built.append([type(p).__name__ for p in procs])
         return procs
     monkeypatch.setattr(lm, "_get_logits_processor", spy)
-    engine = HFEngine(shard_model(lm, DistInfo(), "none"), tok, DistInfo(), batch_size=5)
+    engine = engine_for("hf", model, tiny["model"], tok, hf_batch_size=5)
+    assert engine.name == "hf"
     groups = engine.generate(PROMPTS, n=3, temperature=temperature, top_p=top_p, max_tokens=16, seeds=[1, 2])
     assert built and all(b == ["_SampledLogprobs"] for b in built), built
     check_samples(groups, tok, 3, 16)
@@ -71,6 +88,7 @@ def test_hf_engine_logprobs_match_trainer(tiny, temperature, top_p, monkeypatch)
             ref = trainer_logprobs(lm, s, temperature, top_p)
             assert torch.isfinite(ref).all()            # every sampled token is inside the nucleus
             torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64), ref, atol=1e-4, rtol=0)
+    assert model.training                               # generate() hands the training model back as it found it
     again = engine.generate(PROMPTS, n=3, temperature=temperature, top_p=top_p, max_tokens=16, seeds=[1, 2])
     assert [[s.response_ids for s in g] for g in again] == [[s.response_ids for s in g] for g in groups]
 
@@ -81,8 +99,9 @@ def test_hf_engine_samples_depend_on_the_prompt_seed_only_and_follow_the_law(tin
     exponential-race draw is the softmax(z / T) law: first-token frequencies of 4000 samples within 0.03 total
     variation of the float64 probabilities."""
     tok = AutoTokenizer.from_pretrained(tiny["model"])
-    lm = AutoModelForCausalLM.from_pretrained(tiny["model"])
-    small, big = (HFEngine(lm, tok, DistInfo(), batch_size=b) for b in (4, 64))
+    lm = eval_model(tiny["model"])
+    small, big = (engine_for("hf", lm, tiny["model"], tok, hf_batch_size=b) for b in (4, 64))
+    assert (small.batch_size, big.batch_size) == (4, 64)         # --hf-batch-size reaches the engine
     kw = dict(n=6, temperature=1.3, max_tokens=12)
     both = small.generate(PROMPTS, seeds=[7, 8], **kw)
     alone = big.generate(PROMPTS[1:], seeds=[8], **kw)
@@ -90,10 +109,10 @@ def test_hf_engine_samples_depend_on_the_prompt_seed_only_and_follow_the_law(tin
     assert [s.response_ids for s in both[0]] != [s.response_ids for s in both[1]]
     # the law, on the shipped tiny math model (peaked, so 4000 draws pin it down): "What is 12+19?" -> "12+19 = 31"
     shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny_math", "model")
-    tok, lm = AutoTokenizer.from_pretrained(shipped), AutoModelForCausalLM.from_pretrained(shipped)
+    tok, lm = AutoTokenizer.from_pretrained(shipped), eval_model(shipped)
     prompt = "What is 12+19?\n12+19 = "
-    draws = HFEngine(lm, tok, DistInfo(), batch_size=1000).generate([prompt], n=4000, temperature=1.3, max_tokens=1,
-                                                                    seeds=[3])[0]
+    draws = engine_for("hf", lm, shipped, tok, hf_batch_size=1000).generate([prompt], n=4000, temperature=1.3,
+                                                                            max_tokens=1, seeds=[3])[0]
     ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids])
     with torch.no_grad():
         z = lm(ids).logits[0, -1].double()
@@ -110,12 +129,12 @@ def test_vllm_engine_sync_weights_matches_trainer(which, request):
     lm_head is the embedding) and untied (a separate lm_head that must be pushed too) models, including
     the prompt KV that the prefix cache would otherwise reuse."""
     pytest.importorskip("vllm")
-    from common.rollout import VLLMEngine
     paths = request.getfixturevalue(which)
     tok = AutoTokenizer.from_pretrained(paths["model"])
-    lm = AutoModelForCausalLM.from_pretrained(paths["model"])
-    model = shard_model(lm, DistInfo(), "none")
-    engine = VLLMEngine(paths["model"], tok, DistInfo(), max_model_len=256, kv_cache_gib=0.0625)
+    model = load_sharded(paths["model"], DistInfo(), "fsdp")       # the training scripts' model
+    lm = unwrap(model)
+    engine = engine_for("vllm", model, paths["model"], tok, vllm_kv_cache_gib=0.0625)
+    assert engine.name == "vllm"
     for round_ in range(2):
         groups = engine.generate(PROMPTS, n=2, temperature=1.3, max_tokens=12, seeds=[round_, 7])
         check_samples(groups, tok, 2, 12)
@@ -134,9 +153,8 @@ def test_vllm_engine_close_frees_the_engine_even_when_something_still_holds_it(t
     """close() shuts vLLM's executor down itself (its worker drops the model and KV cache), instead of hoping a
     finalizer runs on `del`: here a second reference to the LLM keeps it alive, and the model is gone anyway."""
     pytest.importorskip("vllm")
-    from common.rollout import VLLMEngine
     tok = AutoTokenizer.from_pretrained(tiny["model"])
-    engine = VLLMEngine(tiny["model"], tok, DistInfo(), max_model_len=64, kv_cache_gib=0.0625)
+    engine = engine_for("vllm", None, tiny["model"], tok, max_model_len=64, vllm_kv_cache_gib=0.0625)
     engine.generate(PROMPTS, n=1, temperature=1.0, max_tokens=4, seeds=[0, 1])
     held = engine.llm                                            # e.g. a user's handle, or a reference cycle
     runner = held.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
@@ -204,11 +222,11 @@ def test_vllm_sleep_wake_sequence(tiny, monkeypatch, device, sleep):
     CPU (where vLLM has no sleep mode), nothing sleeps, and on CPU the tied lm_head is repacked after each
     reload."""
     vllm = pytest.importorskip("vllm")
-    from common.rollout import VLLMEngine
     monkeypatch.setattr(vllm, "LLM", _FakeLLM)
     tok = AutoTokenizer.from_pretrained(tiny["model"])
-    model = shard_model(AutoModelForCausalLM.from_pretrained(tiny["model"]), DistInfo(), "none")
-    engine = VLLMEngine(tiny["model"], tok, DistInfo(device=torch.device(device)), max_model_len=64, sleep_mode=sleep)
+    model = load_sharded(tiny["model"], DistInfo(), "fsdp")       # the training scripts' model (on the CPU)
+    engine = engine_for("vllm", model, tiny["model"], tok, DistInfo(device=torch.device(device)), max_model_len=64,
+                        vllm_sleep=sleep)
     llm, on = engine.llm, sleep and device == "cuda"
     assert llm.kwargs["enable_sleep_mode"] is on
     assert llm.kwargs["dtype"] == ("bfloat16" if device == "cuda" else "float32")
