@@ -239,6 +239,17 @@ def vllm_memory_kwargs(free: int, total: int, utilization: float | None, kv_cach
     return {"gpu_memory_utilization": utilization}
 
 
+def cpu_scheduler_kwargs(max_model_len: int, tensor_parallel_size: int = 1) -> dict:
+    """vLLM-CPU without chunked prefill, every prompt prefilled in one step. With chunked prefill (its default), a
+    request whose prompt straddles a step's token budget (4096 x world size on CPU) is prefilled in two steps, and the
+    token sampled after the first part is discarded; vLLM then rolls back that request's seeded generator
+    (v1/worker/gpu_model_runner.py: _bookkeeping_sync, `gen.set_offset(gen.get_offset() - 4)`), which only a CUDA
+    generator can do: "RuntimeError: CPU Generator does not use offset". Every run seeds every request, so any CPU run
+    whose prompts x samples exceed the budget (the DAPO prompt is ~70 tokens: 64 requests) crashed. Without chunking
+    the budget must hold the longest sequence, so it is raised to max_model_len when that is larger."""
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096 * tensor_parallel_size, max_model_len)}
+
+
 class VLLMEngine:
     """vLLM in this process; see the module docstring."""
 
@@ -267,6 +278,8 @@ class VLLMEngine:
                       enable_sleep_mode=self.sleep_mode, enable_prefix_caching=True)
         if info.distributed:
             kwargs["distributed_executor_backend"] = "external_launcher"
+        if info.device.type == "cpu":
+            kwargs |= cpu_scheduler_kwargs(max_model_len, tensor_parallel_size)
         if info.device.type == "cuda" and torch.cuda.is_available():    # (a test's stand-in device has no memory)
             free, total = torch.cuda.mem_get_info()
             kwargs |= vllm_memory_kwargs(free, total, gpu_memory_utilization, kv_cache_gib)

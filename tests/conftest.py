@@ -47,3 +47,12 @@ def tiny_warm(tmp_path_factory):
     write_jsonl([to_dapo_row(p, i, "train") for i, p in enumerate(problems)], train)
     sft(paths["model"], train, steps=300, batch_size=32, lr=5e-3, slip=0.3, seed=0, log_every=0)
     return {"model": paths["model"], "train": train, "test": paths["test"]}
+
+
+@pytest.fixture(scope="session")
+def rehearsal(tmp_path_factory):
+    """The rehearsal fixture (common/rehearsal.py): Qwen3's real tokenizer and chat template, Qwen3-4B/8B-Base's
+    configs at 2 layers x 64 wide, warmed up until its groups are mixed, and data in the real schemas:
+    {'tied', 'untied', 'data': {name: path}, 'timings'}. ~70 s on one thread, once per session."""
+    from common.rehearsal import write_fixture
+    return write_fixture(str(tmp_path_factory.mktemp("rehearsal")))
