@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from common.batching import default_micro_batch_tokens, pack_padding_free, plan_micro_batches
+from common.calibrate import solve_tau, tempered_entropy
 from common.checkpoint import (check_disk_space, latest_checkpoint, load_checkpoint, save_checkpoint, save_hf,
                                stored_dtype)
 from common.cli import arg, check_context_length, parse_args, with_resumed_config
@@ -73,6 +74,14 @@ class Args:
     target_entropy: float | None = arg(None, "stop once the student's mean token entropy at T=1 on its rollouts reaches "
                                        "this (nats); None: run all steps", group="method")
     closed_form: bool = arg(False, "write the exact tau-tempered checkpoint (final norm / tau) to --out and exit", group="method")
+    calibrate_tau: bool = arg(False, "choose tau instead of taking --tau: the tau at which the starting model's mean "
+                              "token entropy of softmax(z / tau), at the response positions of one batch of its own "
+                              "samples (the first step's prompts and seeds, T=1), equals --target-entropy "
+                              "(common/calibrate.py: a bisection, no training); printed and logged as reheat/tau. With "
+                              "--closed-form: the closed form at that tau (needs --data, samples like a reheat run)",
+                              group="method")
+    calibrate_tokens: int = arg(65536, "response tokens per rank kept (evenly spaced) for --calibrate-tau: bounds the "
+                                "stored hidden states (65536 x 4096 bf16 = 512 MiB)", group="method")
     # data and rollout
     data: str = arg("dapo17k", "prompts: a name from common/data.py or a .jsonl/.parquet file", group="data and rollout")
     prompt_style: str = arg("dapo_chat", "dapo_chat, dapo_raw, or plain (see rl_dapo.py)", group="data and rollout",
@@ -132,7 +141,9 @@ def check_args(a: Args):
         raise SystemExit(f"--tau must be > 0, got {a.tau}")
     if a.micro_batch_tokens is not None and a.micro_batch_tokens <= 0:
         raise SystemExit(f"--micro-batch-tokens must be positive, got {a.micro_batch_tokens}")
-    if a.tau == 1.0 and a.teacher == "frozen" and not a.closed_form:
+    if a.calibrate_tau and (a.target_entropy is None or a.target_entropy <= 0):
+        raise SystemExit("--calibrate-tau needs --target-entropy H > 0 (nats): the entropy tau is chosen to give")
+    if a.tau == 1.0 and a.teacher == "frozen" and not a.closed_form and not a.calibrate_tau:
         raise SystemExit("--tau 1 with a frozen teacher: the student already equals its teacher, so the objective is "
                          "at its minimum (0) and nothing would change. Use tau > 1 to reheat (or < 1 to sharpen).")
     if a.divergence == "jsd" and not 0 < a.beta < 1:
@@ -144,7 +155,7 @@ def check_args(a: Args):
 
 # ----------------------------------------------------------------------------- the closed form
 
-def closed_form_reheat(ckpt: str, tau: float, out: str):
+def closed_form_reheat(ckpt: str, tau: float, out: str, provenance: dict | None = None):
     """theta_0 at temperature tau, exactly: logits = lm_head(norm(h)) and RMSNorm's weight multiplies its output,
     so norm.weight / tau divides every logit by tau and changes nothing else.
 
@@ -158,16 +169,82 @@ def closed_form_reheat(ckpt: str, tau: float, out: str):
         lm.model.norm.weight.div_(tau)
     save_hf(out, lm, AutoTokenizer.from_pretrained(ckpt))
     with open(os.path.join(out, "closed_form.json"), "w") as f:      # provenance (common/curves.py reads it)
-        json.dump({"source": os.path.abspath(ckpt), "tau": tau, "method": "model.norm.weight / tau"}, f, indent=1)
+        json.dump({"source": os.path.abspath(ckpt), "tau": tau, "method": "model.norm.weight / tau"} | (provenance or {}),
+                  f, indent=1)
     print(f"[reheat_tsopsd] closed-form tau={tau} checkpoint written to {out}")
     return out
+
+
+def calibrated_tau(model, engine, problems, tokenizer, args, info) -> float:
+    """--calibrate-tau: one batch of the starting model's own samples at T=1 (the first step's prompts and seeds),
+    its final hidden states at the response positions (at most --calibrate-tokens per rank, evenly spaced), and
+    the tau at which the mean entropy of softmax(z / tau) over them is --target-entropy (common/calibrate.py)."""
+    batch = cycle_problems(problems, args.seed, 0, args.prompts_per_step)[engine.dp_rank::engine.dp_size]
+    seeds = [derive_seed(args.seed, pos, 0, 1) for pos in range(args.prompts_per_step)][engine.dp_rank::engine.dp_size]
+    groups = engine.generate([render_prompt(p, tokenizer, args.prompt_style) for p in batch], n=args.group_size,
+                             temperature=1.0, top_p=1.0, max_tokens=args.max_response_len, seeds=seeds)
+    engine.sleep()
+    seqs = [(s.prompt_ids, s.response_ids) for g in groups for s in g][engine.tp_rank::engine.tp]
+    stride = -(-sum(len(r) for _, r in seqs) // args.calibrate_tokens) or 1
+    micro = plan_micro_batches([len(p) + len(r) for p, r in seqs], args.micro_batch_tokens, 1)[0]
+    micro += [None] * (int(all_reduce(len(micro), "max").item()) - len(micro))     # FSDP: the same count everywhere
+    hiddens = []
+    for part in micro:
+        ids, pos, pred, _ = pack_padding_free([seqs[i] for i in part or []], info.device)
+        with torch.no_grad():
+            h = model(ids, position_ids=pos, head=lambda hid, w: hid[pred][::stride].detach().clone())
+        if part is not None:
+            hiddens.append(h)
+    lm = unwrap(model)
+    head_name = "model.embed_tokens.weight" if lm.config.tie_word_embeddings else "lm_head.weight"
+    weight = next(t for _, t in full_params(model, dtype=hiddens[0].dtype if hiddens else torch.float32,
+                                            names={head_name})).to(info.device)
+    entropy_at = tempered_entropy(hiddens, weight, chunk_size=args.chunk_size)
+    try:
+        tau = solve_tau(entropy_at, args.target_entropy)
+    except ValueError as e:
+        raise SystemExit(f"[reheat_tsopsd] --calibrate-tau: {e}")
+    print0(f"[reheat_tsopsd] --calibrate-tau: own-sample entropy {entropy_at(1.0):.4f} at tau 1 -> "
+           f"{args.target_entropy} at tau {tau:.4f}")
+    return tau
+
+
+def calibrated_closed_form(args):
+    """--closed-form --calibrate-tau: sample like a reheat run's first step, find tau, write the closed form."""
+    info = init_distributed(args.device)
+    check_sharding(args.sharding, info)
+    args.micro_batch_tokens = args.micro_batch_tokens or default_micro_batch_tokens(info.device.type)
+    seed_everything(derive_seed(args.seed, rank=info.rank))
+    ckpt = resolve_model_path(args.ckpt)
+    try:
+        problems = load_problems(args.data)
+    except DataError as e:
+        raise SystemExit(f"[reheat_tsopsd] {e}")
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    max_prompt = max(len(tokenizer(render_prompt(p, tokenizer, args.prompt_style)).input_ids) for p in problems)
+    max_positions = check_context_length(ckpt, max_prompt, args.max_response_len)
+    model = load_sharded(ckpt, info, args.sharding, bf16=args.bf16, requires_grad=False)
+    engine = make_engine(args.rollout_engine, model=model, model_path=ckpt, tokenizer=tokenizer, info=info,
+                         max_model_len=min(max_prompt + args.max_response_len + 8, max_positions or 1 << 30), seed=args.seed,
+                         hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
+                         vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp, vllm_sleep=False)
+    tau = calibrated_tau(model, engine, problems, tokenizer, args, info)
+    if info.is_main:
+        closed_form_reheat(ckpt, tau, args.out, {"calibrated": {"target_entropy": args.target_entropy,
+                                                                "data": args.data, "seed": args.seed}})
+    engine.close()
+    cleanup_distributed()
+    return args.out
 
 
 def main(argv=None):
     args = parse_args(Args, argv, description=__doc__)
     check_args(args)
-    if args.closed_form:
+    if args.closed_form and not args.calibrate_tau:
         return closed_form_reheat(resolve_model_path(args.ckpt), args.tau, args.out)
+    if args.closed_form:
+        return calibrated_closed_form(args)
     args = with_resumed_config(args)
 
     # ------------------------------------------------------------------------- setup
@@ -210,6 +287,7 @@ def main(argv=None):
     if args.resume:
         state = load_checkpoint(latest_checkpoint(args.resume), student, optimizer)
         start_step, cursor, entropy = state["step"], state["cursor"], state.get("student_entropy")
+        args.tau = state.get("tau", args.tau)           # a calibrated tau is part of the run's state
     logger = MetricsLogger(run_dir, enabled=info.is_main, wandb_project=args.wandb_project or None,
                            tensorboard=args.tensorboard)
     if args.resume:
@@ -258,6 +336,8 @@ def main(argv=None):
     torch.set_float32_matmul_precision("high")         # TF32 for fp32 matmuls; after vLLM, which resets it
     if args.resume:
         engine.sync_weights(student)
+    elif args.calibrate_tau:                            # the starting model is the student (and the frozen teacher)
+        args.tau = calibrated_tau(student, engine, problems, tokenizer, args, info)
     print0(f"[reheat_tsopsd] tau={args.tau} teacher={args.teacher} divergence={args.divergence} engine={engine.name} "
            f"world={info.world_size} problems={len(problems)}")
 
@@ -338,7 +418,7 @@ def main(argv=None):
                                                     sum(len(s.response_ids) for g in groups for s in g) * own])
         ntok = max(n_tok_global, 1)
         m |= {f"reheat/{k}": tot[j].item() / ntok for j, k in enumerate(names)}
-        m |= {"rollout/accuracy": tot[4].item() / max(tot[5].item(), 1),
+        m |= {"reheat/tau": args.tau, "rollout/accuracy": tot[4].item() / max(tot[5].item(), 1),
               "rollout/distinct_answers": tot[6].item() / max(tot[7].item(), 1),
               "rollout/response_len_mean": tot[8].item() / max(tot[5].item(), 1),
               "train/grad_norm": gn.item(), "train/tokens": n_tok_global, "time/step": time.time() - t_step}
@@ -348,7 +428,7 @@ def main(argv=None):
         done, entropy = step + 1, m["reheat/student_entropy"]
         if args.save_every and done % args.save_every == 0 and done < args.steps:
             save_checkpoint(run_dir, done, student, tokenizer, optimizer,
-                            {"step": done, "cursor": cursor, "student_entropy": entropy},
+                            {"step": done, "cursor": cursor, "student_entropy": entropy, "tau": args.tau},
                             keep_last=args.keep_last, dtype=export_dtype)
         if target_reached(entropy):
             print0(f"[reheat_tsopsd] student entropy {entropy:.4f} >= target {args.target_entropy}: stopping")
@@ -356,7 +436,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- save
     save_checkpoint(run_dir, step + 1, student, tokenizer, optimizer,
-                    {"step": step + 1, "cursor": cursor, "student_entropy": entropy},
+                    {"step": step + 1, "cursor": cursor, "student_entropy": entropy, "tau": args.tau},
                     keep_last=args.keep_last, dtype=export_dtype)
     final = os.path.join(run_dir, "final")
     save_hf(final, student, tokenizer, dtype=export_dtype)

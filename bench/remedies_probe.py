@@ -5,9 +5,12 @@ are uniform), 30 continued-DAPO steps per arm, the demo's arm settings (lr 1e-4,
 step), one seed:
 
     plain       continued DAPO (the demo's plain arm)
-    bonus       --entropy-coef 0.05
-    adaptive    --entropy-target 0.12 (the start model's held-out entropy is ~0.13, the collapsed one's ~0.08)
-    clip_cov    --policy-loss clip_cov --cov-ratio 0.02 (2e-4 of a step's ~4k tokens would pick 1 token)
+    bonus       --entropy-coef 0.5 (the collapsed toy's token entropy is ~0.02 nats, where the entropy's gradient
+                is small: 0.05 moved nothing measurable)
+    adaptive    --entropy-target 0.12 --entropy-coef-delta 0.05 (the start model's held-out entropy is ~0.13;
+                TRL's delta 0.005 reaches only 0.1 in the ~20 updates a collapsed run makes in 30 steps)
+    clip_cov    --policy-loss clip_cov --cov-ratio 0.02 --clip-cov-lb 0.02 (on the toy |cov| < ~0.2: the paper's
+                band (1, 5) is empty, and 2e-4 of a step's ~4k tokens would pick 1 token)
     kl_cov      --policy-loss kl_cov --cov-ratio 0.02 --ppo-mini-batch 8 (KL-Cov needs two mini-batches)
     top20       --top-entropy-quantile 0.2 (80/20)
 
@@ -29,9 +32,9 @@ sys.path.insert(0, ROOT)
 
 ARMS = {
     "plain": [],
-    "bonus": ["--entropy-coef", "0.05"],
-    "adaptive": ["--entropy-target", "0.12"],
-    "clip_cov": ["--policy-loss", "clip_cov", "--cov-ratio", "0.02"],
+    "bonus": ["--entropy-coef", "0.5"],
+    "adaptive": ["--entropy-target", "0.12", "--entropy-coef-delta", "0.05"],
+    "clip_cov": ["--policy-loss", "clip_cov", "--cov-ratio", "0.02", "--clip-cov-lb", "0.02"],
     "kl_cov": ["--policy-loss", "kl_cov", "--cov-ratio", "0.02", "--ppo-mini-batch", "8"],
     "top20": ["--top-entropy-quantile", "0.2"],
 }

@@ -55,3 +55,48 @@ def test_unreachable_targets_say_what_is_reachable():
         solve_tau(entropy_at, 0.0)
     with pytest.raises(ValueError, match="no hidden states"):
         tempered_entropy([h[:0]], w)
+
+
+# ----------------------------------------------------------------------------- reheat_tsopsd --calibrate-tau
+
+def tempered_entropy_of_samples(model_dir, samples, tau):
+    """Mean over the response positions of the recorded samples of the entropy of softmax(z / tau), float64,
+    transformers, each sample alone."""
+    from transformers import AutoModelForCausalLM
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in samples:
+            p, r = s["prompt_ids"], s["response_ids"]
+            logp = (lm(torch.tensor([p + r])).logits[0, len(p) - 1:-1] / tau).log_softmax(-1)
+            total -= (logp.exp() * logp).sum().item()
+            count += len(r)
+    return total / count
+
+
+def test_reheat_calibrates_tau_on_its_own_samples(tmp_path):
+    """reheat_tsopsd.main --closed-form --calibrate-tau, in this process: on the very samples it drew (recorded from
+    its own engine), the mean entropy of softmax(z / tau) at the tau it wrote is the target (float64, transformers);
+    the closed form divides the final norm by that tau; a reheat run with the same seed and data finds the same tau
+    and logs it every step."""
+    import json
+    import os
+    import reheat_tsopsd
+    from safetensors.torch import load_file
+    from tests._scripts import ROOT, metrics, run_in_process
+    model = os.path.join(ROOT, "assets", "tiny_math", "model")
+    data = os.path.join(ROOT, "assets", "tiny_math", "data", "test.jsonl")
+    common = ["--ckpt", model, "--data", data, "--prompt-style", "plain", "--rollout-engine", "hf", "--group-size", 4,
+              "--prompts-per-step", 8, "--max-response-len", 32, "--calibrate-tau", "--target-entropy", 0.3,
+              "--no-compile", "--grade-workers", 0]
+    calls = run_in_process(reheat_tsopsd, [*common, "--closed-form", "--out", tmp_path / "closed"])
+    [call] = calls
+    tau = json.load(open(tmp_path / "closed" / "closed_form.json"))["tau"]
+    assert tau > 1                                  # the tiny model's own-sample entropy is ~0.1 at T=1
+    samples = [s for g in call["groups"] for s in g]
+    assert tempered_entropy_of_samples(model, samples, tau) == pytest.approx(0.3, rel=1e-3)
+    assert tempered_entropy_of_samples(model, samples, 1.0) < 0.25
+    before, after = load_file(os.path.join(model, "model.safetensors")), load_file(tmp_path / "closed" / "model.safetensors")
+    torch.testing.assert_close(after["model.norm.weight"], before["model.norm.weight"] / tau)
+    run_in_process(reheat_tsopsd, [*common, "--steps", 2, "--lr", 1e-4, "--out", tmp_path, "--run-name", "r"])
+    assert [r["reheat/tau"] for r in metrics(tmp_path / "r")] == pytest.approx([tau, tau], rel=1e-9)
