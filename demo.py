@@ -9,12 +9,19 @@ that was supervised on noisy worked arithmetic (assets/tiny_math: `python -m com
                 mostly solve, DAPO sharpens the policy until most groups are all right, dynamic sampling drops
                 them (and a step may find too few mixed groups to update at all), and the held-out pass@8
                 (2-4 operands up to 30) falls below the start model's
-  2. arms       from the collapsed checkpoint, equal continued-RL budgets (30 DAPO steps at lr 1e-4 on the
-                same problems) for each of
+  2. arms       the target entropy H: the start model's own-sample token entropy at T=1 on the training
+                problems (what the collapse took away). From the collapsed checkpoint, equal continued-RL budgets
+                (30 DAPO steps at lr 1e-4 on the same problems), each arm matched to H where it has a knob:
                   plain      continued DAPO
-                  hot        continued DAPO sampling at a higher rollout temperature (the paper's baseline)
-                  tsopsd     reheat_tsopsd.py (tau 1.5, frozen teacher, 8 steps), then continued DAPO
-                  closed     the closed-form reheat (final norm / tau), then continued DAPO
+                  hot        continued DAPO sampling at the temperature tau(H) (the paper's baseline): the tau at
+                             which the collapsed model's own samples have entropy H (reheat_tsopsd --calibrate-tau)
+                  tsopsd     reheat_tsopsd.py to H (teacher at tau(H), frozen; forward KL; stops at H, at most 40
+                             steps), then continued DAPO
+                  closed     the closed-form reheat at tau(H) (final norm / tau), then continued DAPO; sampling it
+                             at T=1 is sampling the collapsed model at T=tau(H): the hot arm's starting law
+                  bonus      continued DAPO with the adaptive entropy bonus aiming at H (rl_dapo --entropy-target)
+                and, for the displacement analysis, a sharpening distillation at 1/tau(H) for as many steps as the
+                reheat took (evaluate.py --displacement)
   3. evaluate   evaluate.py on the held-out problems for every checkpoint (avg@k, pass@k, and each one's own
                 token entropy at T=1), the start and collapsed models' entropy on the training problems, the
                 analyses of collapsed vs reheated (entropy, effective temperature, top-k overlap, hidden-state
@@ -22,7 +29,7 @@ that was supervised on noisy worked arithmetic (assets/tiny_math: `python -m com
   4. results    OUT/results.md: the regime reached (the three numbers of the collapse, with their targets),
                 the arms' table and tests, every number read from the runs' own outputs; plots in OUT/eval/plots
 
-    python demo.py                      # ~9 minutes on 2 CPU cores, 1 seed
+    python demo.py                      # ~10 minutes on 2 CPU cores, 1 seed
     python demo.py --seeds 3            # three seeds per arm (~16 minutes): mean and 95% CI, seed-aware tests
     python demo.py --quick              # a few steps of everything (what CI runs)
 
@@ -39,8 +46,10 @@ import sys
 import time
 
 from common.cli import arg, parse_args
+from common.runlog import read_metrics
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+ARMS = ("plain", "hot", "tsopsd", "closed", "bonus")
 SPLITS = {"easy": "two operands, both <= 20", "two_term": "two operands", "all": "every problem"}
 
 
@@ -60,9 +69,14 @@ class Args:
     jobs: int = arg(2, "stages run side by side in stage 2 (arms of a seed), each with cores / jobs threads; 1: one "
                     "after another, streaming progress bars")
     arm_steps: int = arg(30, "continued-DAPO steps of every arm")
-    reheat_steps: int = arg(8, "TS-OPSD steps before the tsopsd arm's continued RL")
-    tau: float = arg(1.5, "reheat temperature (paper: 1.5); also the closed form's")
-    hot_temperature: float = arg(1.5, "rollout temperature of the 'hot' arm")
+    reheat_steps: int = arg(40, "TS-OPSD steps at most before the tsopsd arm's continued RL (it stops at the target)")
+    target_entropy: float | None = arg(None, "entropy H the arms are matched to (default: the start model's own-sample "
+                                       "entropy at T=1 on the training problems, measured first)")
+    divergence: str = arg("forward_kl", "TS-OPSD divergence of the tsopsd arm: forward_kl reaches H in ~30 steps at lr "
+                          "3e-4 on this model, reverse_kl (the script's default) is still at half of it after 40 "
+                          "(README.md#what-the-demo-shows)", choices=("reverse_kl", "forward_kl", "jsd"))
+    bonus_delta: float = arg(0.05, "adaptive entropy bonus step of the bonus arm (TRL's 0.005 barely moves in the ~20 "
+                             "updates of 30 collapsed steps: bench/results/remedies_probe.json)")
     lr: float = arg(1e-4, "DAPO learning rate of the arms (50x the paper's 2e-6: a 640k-parameter model needs it)")
     reheat_lr: float = arg(3e-4, "TS-OPSD learning rate")
     group_size: int = arg(8, "samples per prompt")
@@ -160,19 +174,19 @@ def main(argv=None):
     def arm(name, model, seed, extra=()):
         return rl(name, model, args.arm_steps, seed, args.lr, 1, max(args.arm_steps // 6, 1), extra, threads)
 
-    def reheat(seed):
-        reheat_dir = os.path.join(runs, f"reheat_s{seed}")
+    def reheat(seed, name, extra):
+        reheat_dir = os.path.join(runs, name)
         if not os.path.isdir(os.path.join(reheat_dir, "final")):
             shutil.rmtree(reheat_dir, ignore_errors=True)
             t0 = time.time()
-            run([py, "reheat_tsopsd.py", "--ckpt", collapsed, "--tau", str(args.tau), "--steps", str(args.reheat_steps),
-                 "--data", train, "--prompt-style", "plain", "--rollout-engine", args.engine,
-                 "--group-size", str(args.group_size), "--prompts-per-step", str(args.prompts_per_step),
-                 "--max-response-len", str(args.max_response_len), "--lr", str(args.reheat_lr), "--seed", str(seed),
+            run([py, "reheat_tsopsd.py", "--ckpt", collapsed, "--data", train, "--prompt-style", "plain",
+                 "--rollout-engine", args.engine, "--group-size", str(args.group_size),
+                 "--prompts-per-step", str(args.prompts_per_step), "--max-response-len", str(args.max_response_len),
+                 "--lr", str(args.reheat_lr), "--seed", str(seed), "--divergence", args.divergence,
                  "--micro-batch-tokens", "512", "--no-compile", "--grade-workers", "0", "--out", runs,
-                 "--run-name", f"reheat_s{seed}"] + (["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else []),
-                os.path.join(logs, f"reheat_s{seed}.log"), threads)
-            timings[f"reheat_s{seed}"] = time.time() - t0
+                 "--run-name", name, *extra] + (["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else []),
+                os.path.join(logs, f"{name}.log"), threads)
+            timings[name] = time.time() - t0
         return os.path.join(reheat_dir, "final")
 
     # ---- 1. collapse
@@ -181,25 +195,49 @@ def main(argv=None):
                   max(args.collapse_steps // 14, 1))
     collapsed = os.path.join(collapse, "final")
 
-    # ---- 2. arms: equal continued-RL budgets from the collapsed checkpoint
+    # ---- 2. the target entropy, then the arms: equal continued-RL budgets from the collapsed checkpoint
+    eval_dir, eval_train = os.path.join(out, "eval"), os.path.join(out, "eval_train")
+    sampling = ["--k", str(args.eval_k), "--prompt-style", "plain", "--max-tokens", str(args.max_response_len),
+                "--temperature", "1.0", "--rollout-engine", args.engine, "--entropy-samples", str(args.eval_k),
+                "--hf-batch-size", "256", "--grade-workers", "0"]
+    sampling += ["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else []
+
+    def evaluate_train(ckpts: dict):
+        """Each checkpoint's own-sample entropy (and accuracy) on the training problems (cached per checkpoint)."""
+        run([py, "evaluate.py", "--ckpt", *[f"{k}={v}" for k, v in ckpts.items()], "--benchmarks", f"train={train}",
+             "--max-problems", str(args.entropy_problems), *sampling, "--out", eval_train],
+            os.path.join(logs, "evaluate_train.log"))
+    evaluate_train({"start": args.model, "collapsed": collapsed})
+    target = args.target_entropy or read_evals(eval_train)["start"]["macro"]["ent_t1"]
+    match = ["--calibrate-tau", "--target-entropy", f"{target:.6g}"]
+    print(f"[demo] 2/4 arms matched to the start model's entropy on the training problems, H = {target:.4f}", flush=True)
     closed = os.path.join(runs, "closed_form")
     if not os.path.isdir(closed):
-        run([py, "reheat_tsopsd.py", "--ckpt", collapsed, "--tau", str(args.tau), "--closed-form", "--out", closed],
+        run([py, "reheat_tsopsd.py", "--ckpt", collapsed, "--closed-form", *match, "--data", train, "--prompt-style",
+             "plain", "--rollout-engine", args.engine, "--group-size", str(args.group_size), "--prompts-per-step",
+             str(args.prompts_per_step), "--max-response-len", str(args.max_response_len), "--no-compile", "--out",
+             closed] + (["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else []),
             os.path.join(logs, "closed_form.log"))
-    arm_runs = {name: [None] * args.seeds for name in ("plain", "hot", "tsopsd", "closed")}
+    tau = json.load(open(os.path.join(closed, "closed_form.json")))["tau"]
+    arm_runs = {name: [None] * args.seeds for name in ARMS}
     reheated = {}
 
     def chain_a(seed):
         arm_runs["plain"][seed] = arm(f"plain_s{seed}", collapsed, seed)
-        arm_runs["hot"][seed] = arm(f"hot_s{seed}", collapsed, seed, ["--rollout-temperature", str(args.hot_temperature)])
+        arm_runs["hot"][seed] = arm(f"hot_s{seed}", collapsed, seed, ["--rollout-temperature", f"{tau:.6g}"])
+        arm_runs["bonus"][seed] = arm(f"bonus_s{seed}", collapsed, seed, [
+            "--entropy-target", f"{target:.6g}", "--entropy-coef-delta", str(args.bonus_delta)])
 
     def chain_b(seed):
-        reheated[seed] = reheat(seed)
+        reheated[seed] = reheat(seed, f"reheat_s{seed}", [*match, "--steps", str(args.reheat_steps)])
         arm_runs["tsopsd"][seed] = arm(f"tsopsd_s{seed}", reheated[seed], seed)
         arm_runs["closed"][seed] = arm(f"closed_s{seed}", closed, seed)
+        if seed == 0:       # Delta_low: as many steps at 1/tau as the reheat took at tau (evaluate --displacement)
+            steps = len(read_metrics(os.path.dirname(reheated[0])))
+            reheat(0, "sharpen_s0", ["--tau", f"{1 / tau:.6g}", "--steps", str(steps)])
 
     # two chains per seed, side by side (--jobs; plumbing only: every stage is the same command either way)
-    print(f"[demo] 2/4 arms, {args.seeds} seed(s), {args.jobs} stage(s) at a time", flush=True)
+    print(f"[demo] arms, {args.seeds} seed(s), {args.jobs} stage(s) at a time", flush=True)
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max(args.jobs, 1)) as pool:
         for job in [pool.submit(chain, seed) for seed in range(args.seeds) for chain in (chain_a, chain_b)]:
@@ -207,32 +245,29 @@ def main(argv=None):
     reheated = dict(sorted(reheated.items()))
 
     # ---- 3. evaluate: accuracy and own-sample entropy of every checkpoint, arms over seeds, collapsed vs
-    # reheated, curves; then the start and collapsed models' entropy on the problems the collapse trained on
+    # reheated, the displacement, curves; the reheated checkpoints' entropy on the training problems (each arm's
+    # entropy at the start of its continued RL, measured as the target was)
     print("[demo] 3/4 evaluate every checkpoint on the held-out set, compare collapsed vs reheated", flush=True)
     t0 = time.time()
     ckpts = {"start": args.model, "collapsed": collapsed, "closed_form": closed}
     ckpts |= {f"reheated_s{s}": p for s, p in reheated.items()}
     arms = {arm: [os.path.join(d, "final") for d in dirs] for arm, dirs in arm_runs.items()}
-    eval_dir, eval_train = os.path.join(out, "eval"), os.path.join(out, "eval_train")
-    sampling = ["--k", str(args.eval_k), "--prompt-style", "plain", "--max-tokens", str(args.max_response_len),
-                "--temperature", "1.0", "--rollout-engine", args.engine, "--entropy-samples", str(args.eval_k),
-                "--hf-batch-size", "256", "--grade-workers", "0"]
-    sampling += ["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else []
+    sharpened = os.path.join(runs, "sharpen_s0", "final")
     run([py, "evaluate.py", "--ckpt", *[f"{k}={v}" for k, v in ckpts.items()],
          "--arms", *[f"{arm}={','.join(paths)}" for arm, paths in arms.items()],
          "--compare", f"collapsed={collapsed}", f"reheated={reheated[0]}",
+         "--displacement", f"collapsed={collapsed}", f"sharpened={sharpened}", f"reheated={reheated[0]}",
          "--runs", f"collapse={collapse}", *[f"{os.path.basename(d)}={d}" for ds in arm_runs.values() for d in ds],
          *[f"reheat_s{s}={os.path.dirname(p)}" for s, p in reheated.items()],
          "--benchmarks", f"heldout={test}", "--max-problems", str(args.eval_problems), *sampling,
          "--compare-problems", "64", "--compare-n", str(args.group_size), "--analysis-tokens", "2048",
          "--out", eval_dir], os.path.join(logs, "evaluate.log"))
-    run([py, "evaluate.py", "--ckpt", f"start={args.model}", f"collapsed={collapsed}", "--benchmarks", f"train={train}",
-         "--max-problems", str(args.entropy_problems), *sampling, "--out", eval_train],
-        os.path.join(logs, "evaluate_train.log"))
+    evaluate_train({"start": args.model, "collapsed": collapsed, "closed_form": closed,
+                    **{f"reheated_s{s}": p for s, p in reheated.items()}})
     timings["evaluate"] = time.time() - t0
 
     # ---- 4. results
-    write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, collapse, train, timings,
+    write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, collapse, train, timings, target, tau,
                   time.time() - t_start)
     if args.update_readme:
         update_readme(os.path.join(out, "results.md"), eval_dir)
@@ -312,7 +347,8 @@ def regime(collapse_dir: str, evals: dict, evals_train: dict, k: int, last: int 
     return out
 
 
-def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, collapse, train, timings, seconds):
+def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, collapse, train, timings, target, tau,
+                  seconds):
     """results.md: every number read from the runs' metrics.jsonl and evaluate.py's JSON, none typed in."""
     from common.runlog import read_metrics
     from common.stats import mean_ci
@@ -366,19 +402,37 @@ def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, co
              "![collapse, then the arms: rollout entropy, held-out accuracy and uniform groups against step]"
              "(eval/plots/runs_summary.png)", "",
              f"## 2. The arms: {args.arm_steps} continued-DAPO steps each from the collapsed checkpoint", "",
-             f"Held-out: {args.eval_problems} problems, k={k} samples each at T=1. Rollout entropy and uniform groups: "
-             f"mean of the arm's last 5 steps of RL (at the arm's rollout temperature). ent_t1: the final checkpoint's "
-             f"token entropy at T=1 on its own held-out samples. With several seeds: mean [95% CI].", "",
-             f"| arm | start checkpoint | rollout entropy, last 5 | uniform groups, last 5 | ent_t1 | held-out avg@{k} "
-             f"| pass@{k} |", "|---|---|---|---|---|---|---|"]
-    starts = {"plain": "collapsed", "hot": f"collapsed, T={args.hot_temperature}", "tsopsd": f"TS-OPSD tau={args.tau}",
-              "closed": f"closed form tau={args.tau}"}
+             f"Matched to H = {target:.4f} nats, " + ("given by --target-entropy" if args.target_entropy else
+             "the start model's token entropy at T=1 on its own samples of the training problems (section 1)") +
+             f"; tau(H) = {tau:.3f}: the temperature at which the collapsed model's own samples have entropy H "
+             f"(reheat_tsopsd --calibrate-tau). Start entropy: the arm's starting law's token entropy at T=1 on its own "
+             f"samples of the same {args.entropy_problems} training problems, measured as H was (hot: the collapsed "
+             f"model sampled at tau(H), which is the closed form's law; bonus: the collapsed model, whose RL the "
+             f"adaptive bonus then pushes toward H). Held-out: {args.eval_problems} problems, k={k} samples each at "
+             f"T=1. Rollout entropy and uniform groups: mean of the arm's last 5 steps of RL (at the arm's rollout "
+             f"temperature). ent_t1: the final checkpoint's token entropy at T=1 on its own held-out samples. With "
+             f"several seeds: mean [95% CI].", "",
+             f"| arm | start | start entropy (H = {target:.3f}) | rollout entropy, last 5 | uniform groups, last 5 | "
+             f"ent_t1 | held-out avg@{k} | pass@{k} |", "|---|---|---|---|---|---|---|---|"]
+    train_ent = lambda name: evals_train.get(name, {}).get("macro", {}).get("ent_t1")   # noqa: E731
+    reheat_steps = [len(read_metrics(os.path.dirname(p))) for p in reheated.values()]
+    starts = {"plain": ("collapsed", [train_ent("collapsed")]),
+              "hot": (f"collapsed, T={tau:.3f}", [train_ent("closed_form")]),
+              "tsopsd": (f"TS-OPSD to H ({args.divergence}, tau {tau:.3f}, {'/'.join(map(str, reheat_steps))} steps)",
+                         [train_ent(f"reheated_s{s}") for s in reheated]),
+              "closed": (f"closed form tau={tau:.3f}", [train_ent("closed_form")]),
+              "bonus": (f"collapsed, adaptive bonus to H", [train_ent("collapsed")])}
     for arm, dirs in arm_runs.items():
         names = [label_of(os.path.join(d, "final"), evals) for d in dirs]
-        lines.append(f"| {arm} | {starts[arm]} | {fmt([tail_mean(d, 'rollout/entropy_est') for d in dirs])} | "
+        lines.append(f"| {arm} | {starts[arm][0]} | {fmt(starts[arm][1])} | "
+                     f"{fmt([tail_mean(d, 'rollout/entropy_est') for d in dirs])} | "
                      f"{fmt([tail_mean(d, 'rollout/uniform_frac') for d in dirs])} | "
                      f"{fmt([acc(n, 'ent_t1') for n in names])} | {fmt([acc(n, f'avg@{k}') for n in names])} | "
                      f"{fmt([acc(n, f'pass@{k}') for n in names])} |")
+    matched = [train_ent("closed_form")] + [train_ent(f"reheated_s{s}") for s in reheated]
+    ok = all(v is not None and abs(v - target) <= 0.2 * target for v in matched)
+    lines += ["", f"Matched: every reheated start (closed form / hot, TS-OPSD) within 20% of H: {yes(ok)} "
+              f"({', '.join(f3(v) for v in matched)} vs {target:.3f})."]
     arm_tests = [t for path in glob.glob(os.path.join(eval_dir, "arms__*.json"))
                  for t in json.load(open(path))["tests"] if t["benchmark"] == "heldout"]
     if arm_tests:                               # every pair of arms: problems only, then with seed variance
@@ -411,6 +465,15 @@ def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, co
                   f"{c['effective_temperature']['explained']:.0%} of the KL between them); top-k overlap "
                   f"k=1/5/10: {ov['1']:.3f} / {ov['5']:.3f} / {ov['10']:.3f}; hidden-state CKA per layer: "
                   + ", ".join(f"{layer['name']} {layer['cka']:.4f}" for layer in c["layers"]) + "."]
+    disp_paths = glob.glob(os.path.join(eval_dir, "displacement__*.json"))
+    if disp_paths:
+        d = json.load(open(disp_paths[0]))
+        lines += ["", f"Displacement in weight space (evaluate.py --displacement): Delta_high = reheated - collapsed "
+                  f"(tau {tau:.3f}), Delta_low = sharpened - collapsed (the same distillation at tau {1 / tau:.3f}, as "
+                  f"many steps):", "", "| | ours | paper (Qwen3-8B) |", "|---|---|---|",
+                  f"| cos(Delta_low, Delta_high) (`cos_low_high`) | {d['cos_low_high']:.3f} | -0.878 |",
+                  f"| reverse projection coefficient | {d['reverse_coef']:.3f} | 0.891 |",
+                  f"| norm ratio ‖Delta_low‖ / ‖Delta_high‖ | {d['norm_ratio']:.3f} | - |"]
     lines += ["", f"Everything else (per-benchmark tables, the tests between arms, the collapsed vs reheated "
               f"analyses: entropy, effective temperature, top-k overlap, per-layer similarity, diversity) is in "
               f"[eval/results.md](eval/results.md); every curve in eval/plots/ (runs_entropy.png, runs_accuracy.png, "

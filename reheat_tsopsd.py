@@ -80,6 +80,9 @@ class Args:
                               "(common/calibrate.py: a bisection, no training); printed and logged as reheat/tau. With "
                               "--closed-form: the closed form at that tau (needs --data, samples like a reheat run)",
                               group="method")
+    calibrate_rounds: int = arg(2, "--calibrate-tau rounds: 1 measures at the positions of T=1 samples (the tempered "
+                                "model, sampling more widely, then sees more entropy than H); each further round "
+                                "resamples at the tau found", group="method")
     calibrate_tokens: int = arg(65536, "response tokens per rank kept (evenly spaced) for --calibrate-tau: bounds the "
                                 "stored hidden states (65536 x 4096 bf16 = 512 MiB)", group="method")
     # data and rollout
@@ -141,6 +144,8 @@ def check_args(a: Args):
         raise SystemExit(f"--tau must be > 0, got {a.tau}")
     if a.micro_batch_tokens is not None and a.micro_batch_tokens <= 0:
         raise SystemExit(f"--micro-batch-tokens must be positive, got {a.micro_batch_tokens}")
+    if a.calibrate_rounds < 1 or a.calibrate_tokens < 1:
+        raise SystemExit("--calibrate-rounds and --calibrate-tokens must be >= 1")
     if a.calibrate_tau and (a.target_entropy is None or a.target_entropy <= 0):
         raise SystemExit("--calibrate-tau needs --target-entropy H > 0 (nats): the entropy tau is chosen to give")
     if a.tau == 1.0 and a.teacher == "frozen" and not a.closed_form and not a.calibrate_tau:
@@ -176,36 +181,42 @@ def closed_form_reheat(ckpt: str, tau: float, out: str, provenance: dict | None 
 
 
 def calibrated_tau(model, engine, problems, tokenizer, args, info) -> float:
-    """--calibrate-tau: one batch of the starting model's own samples at T=1 (the first step's prompts and seeds),
-    its final hidden states at the response positions (at most --calibrate-tokens per rank, evenly spaced), and
-    the tau at which the mean entropy of softmax(z / tau) over them is --target-entropy (common/calibrate.py)."""
+    """--calibrate-tau: one batch of the starting model's own samples (the first step's prompts and seeds), its final
+    hidden states at the response positions (at most --calibrate-tokens per rank, evenly spaced), and the tau at which
+    the mean entropy of softmax(z / tau) over them is --target-entropy (common/calibrate.py). Round 1 samples at T=1;
+    each further round (--calibrate-rounds) samples at the tau found so far, so that the positions are those the
+    tempered model itself visits: the fixed point is a tau whose own samples have entropy H."""
     batch = cycle_problems(problems, args.seed, 0, args.prompts_per_step)[engine.dp_rank::engine.dp_size]
     seeds = [derive_seed(args.seed, pos, 0, 1) for pos in range(args.prompts_per_step)][engine.dp_rank::engine.dp_size]
-    groups = engine.generate([render_prompt(p, tokenizer, args.prompt_style) for p in batch], n=args.group_size,
-                             temperature=1.0, top_p=1.0, max_tokens=args.max_response_len, seeds=seeds)
-    engine.sleep()
-    seqs = [(s.prompt_ids, s.response_ids) for g in groups for s in g][engine.tp_rank::engine.tp]
-    stride = -(-sum(len(r) for _, r in seqs) // args.calibrate_tokens) or 1
-    micro = plan_micro_batches([len(p) + len(r) for p, r in seqs], args.micro_batch_tokens, 1)[0]
-    micro += [None] * (int(all_reduce(len(micro), "max").item()) - len(micro))     # FSDP: the same count everywhere
-    hiddens = []
-    for part in micro:
-        ids, pos, pred, _ = pack_padding_free([seqs[i] for i in part or []], info.device)
-        with torch.no_grad():
-            h = model(ids, position_ids=pos, head=lambda hid, w: hid[pred][::stride].detach().clone())
-        if part is not None:
-            hiddens.append(h)
     lm = unwrap(model)
     head_name = "model.embed_tokens.weight" if lm.config.tie_word_embeddings else "lm_head.weight"
-    weight = next(t for _, t in full_params(model, dtype=hiddens[0].dtype if hiddens else torch.float32,
-                                            names={head_name})).to(info.device)
-    entropy_at = tempered_entropy(hiddens, weight, chunk_size=args.chunk_size)
-    try:
-        tau = solve_tau(entropy_at, args.target_entropy)
-    except ValueError as e:
-        raise SystemExit(f"[reheat_tsopsd] --calibrate-tau: {e}")
-    print0(f"[reheat_tsopsd] --calibrate-tau: own-sample entropy {entropy_at(1.0):.4f} at tau 1 -> "
-           f"{args.target_entropy} at tau {tau:.4f}")
+    weight, tau = None, 1.0
+    for round_ in range(args.calibrate_rounds):
+        groups = engine.generate([render_prompt(p, tokenizer, args.prompt_style) for p in batch], n=args.group_size,
+                                 temperature=tau, top_p=1.0, max_tokens=args.max_response_len, seeds=seeds)
+        engine.sleep()
+        seqs = [(s.prompt_ids, s.response_ids) for g in groups for s in g][engine.tp_rank::engine.tp]
+        stride = -(-sum(len(r) for _, r in seqs) // args.calibrate_tokens) or 1
+        micro = plan_micro_batches([len(p) + len(r) for p, r in seqs], args.micro_batch_tokens, 1)[0]
+        micro += [None] * (int(all_reduce(len(micro), "max").item()) - len(micro))   # FSDP: the same count everywhere
+        hiddens = []
+        for part in micro:
+            ids, pos, pred, _ = pack_padding_free([seqs[i] for i in part or []], info.device)
+            with torch.no_grad():
+                h = model(ids, position_ids=pos, head=lambda hid, w: hid[pred][::stride].detach().clone())
+            if part is not None:
+                hiddens.append(h)
+        if weight is None:
+            weight = next(t for _, t in full_params(model, dtype=hiddens[0].dtype if hiddens else torch.float32,
+                                                    names={head_name})).to(info.device)
+        entropy_at = tempered_entropy(hiddens, weight, chunk_size=args.chunk_size)
+        sampled_at = tau
+        try:
+            tau = solve_tau(entropy_at, args.target_entropy)
+        except ValueError as e:
+            raise SystemExit(f"[reheat_tsopsd] --calibrate-tau: {e}")
+        print0(f"[reheat_tsopsd] --calibrate-tau round {round_ + 1}: samples at T={sampled_at:.4f} have entropy "
+               f"{entropy_at(sampled_at):.4f}; {args.target_entropy} at tau {tau:.4f}")
     return tau
 
 

@@ -90,10 +90,11 @@ def test_reheat_calibrates_tau_on_its_own_samples(tmp_path):
               "--prompts-per-step", 8, "--max-response-len", 32, "--calibrate-tau", "--target-entropy", 0.3,
               "--no-compile", "--grade-workers", 0]
     calls = run_in_process(reheat_tsopsd, [*common, "--closed-form", "--out", tmp_path / "closed"])
-    [call] = calls
     tau = json.load(open(tmp_path / "closed" / "closed_form.json"))["tau"]
     assert tau > 1                                  # the tiny model's own-sample entropy is ~0.1 at T=1
-    samples = [s for g in call["groups"] for s in g]
+    # round 1 samples at T=1, round 2 at round 1's tau; the tau written is round 2's, on round 2's samples
+    assert [c["temperature"] for c in calls][0] == 1.0 and len(calls) == 2 and calls[1]["temperature"] > 1
+    samples = [s for g in calls[1]["groups"] for s in g]
     assert tempered_entropy_of_samples(model, samples, tau) == pytest.approx(0.3, rel=1e-3)
     assert tempered_entropy_of_samples(model, samples, 1.0) < 0.25
     before, after = load_file(os.path.join(model, "model.safetensors")), load_file(tmp_path / "closed" / "model.safetensors")
