@@ -53,6 +53,18 @@ def tiny_warm(tmp_path_factory):
 def rehearsal(tmp_path_factory):
     """The rehearsal fixture (common/rehearsal.py): Qwen3's real tokenizer and chat template, Qwen3-4B/8B-Base's
     configs at 2 layers x 64 wide, warmed up until its groups are mixed, and data in the real schemas:
-    {'tied', 'untied', 'data': {name: path}, 'timings'}. ~70 s on one thread, once per session."""
+    {'tied', 'untied', 'data': {name: path}, 'timings'}. ~60 s on one thread, once per session; for local reruns,
+    REHEARSAL_FIXTURE_DIR=DIR keeps it in DIR/<hash of common/rehearsal.py> between sessions."""
+    import hashlib
+    import json
     from common.rehearsal import write_fixture
-    return write_fixture(str(tmp_path_factory.mktemp("rehearsal")))
+    keep = os.environ.get("REHEARSAL_FIXTURE_DIR")
+    if not keep:
+        return write_fixture(str(tmp_path_factory.mktemp("rehearsal")))
+    digest = hashlib.sha256(open(os.path.join(ROOT, "common", "rehearsal.py"), "rb").read()).hexdigest()[:16]
+    out, index = os.path.join(keep, digest), os.path.join(keep, digest, "paths.json")
+    if not os.path.isfile(index):
+        paths = write_fixture(out)
+        with open(index, "w") as f:
+            json.dump(paths, f)
+    return json.load(open(index))
