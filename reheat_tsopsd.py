@@ -50,7 +50,7 @@ from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems,
 from common.dist import (all_reduce, check_sharding, cleanup_distributed, derive_seed, full_params, init_distributed,
                          print0, resolve_model_path, seed_everything, unwrap, use_bf16)
 from common.grading import extract_answer, grade_batch, truncated_is_wrong
-from common.loading import frozen_copy, load_sharded, param_count
+from common.loading import frozen_copy, load_sharded, make_optimizer, param_count
 from common.preflight import materialize_optimizer_state, oom_hint, preflight, preflight_sequences
 from common.losses import DIVERGENCES, fused_linear_kl
 from common.rollout import make_engine
@@ -293,7 +293,7 @@ def main(argv=None):
         head_name = "model.embed_tokens.weight" if unwrap(teacher).config.tie_word_embeddings else "lm_head.weight"
         compute_dtype = torch.bfloat16 if use_bf16(info, args.bf16) else torch.float32      # cast once, then gathered
         teacher_weight = next(t for name, t in full_params(teacher, dtype=compute_dtype, names={head_name})).to(info.device)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(student, lr=args.lr, weight_decay=args.weight_decay)
     start_step, cursor, entropy = 0, 0, None            # entropy: the last step's reheat/student_entropy
     if args.resume:
         state = load_checkpoint(latest_checkpoint(args.resume), student, optimizer)

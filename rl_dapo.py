@@ -48,7 +48,7 @@ from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems,
 from common.dist import (all_reduce, check_model_path, check_sharding, cleanup_distributed, derive_seed,
                          init_distributed, print0, resolve_model_path, seed_everything)
 from common.grading import extract_answer, grade_batch, truncated_is_wrong
-from common.loading import load_sharded, param_count
+from common.loading import load_sharded, make_optimizer, param_count
 from common.preflight import materialize_optimizer_state, oom_hint, preflight, preflight_sequences
 from common.losses import chunked_logprob_entropy, entropy_from_hidden
 from common.rollout import make_engine
@@ -366,7 +366,7 @@ def main(argv=None):
     # built on the meta device, sharded, then filled from rank 0's read of the checkpoint (common/loading.py)
     model = load_sharded(model_path, info, args.sharding, bf16=args.bf16,
                          activation_checkpointing=args.activation_checkpointing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     start_step, cursor = 0, 0
     control = {"entropy_coef": args.entropy_coef, "entropy_last": None}    # the adaptive entropy controller's state
     if args.resume:

@@ -86,6 +86,12 @@ def frozen_copy(model: nn.Module, info: DistInfo, mode: str = "fsdp", *, bf16: b
     return copy
 
 
+def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The scripts' optimizer: AdamW over the root's (fp32 master, possibly sharded) parameters, betas (0.9, 0.999)
+    as verl's and the paper's."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+
+
 def param_count(model_path: str) -> int:
     """Parameters of the checkpoint's model (a tied head once), from its config alone: a meta-device build, no
     weights read (for the disk check before loading)."""

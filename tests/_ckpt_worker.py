@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.checkpoint import count_params, latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from common.dist import init_distributed  # noqa: E402
-from common.loading import load_sharded  # noqa: E402
+from common.loading import load_sharded, make_optimizer  # noqa: E402
 from common.runlog import make_run_dir  # noqa: E402
 
 INFO = None
@@ -45,7 +45,7 @@ INFO = None
 def build(model_dir, mode):
     """The scripts' model (load_sharded, as rl_dapo.py and reheat_tsopsd.py call it) and an AdamW on it."""
     model = load_sharded(model_dir, INFO, mode)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return model, make_optimizer(model, lr=1e-2, weight_decay=0.1)     # the scripts' optimizer
 
 
 def lm_loss(model, ids):
