@@ -15,8 +15,8 @@ that was supervised on noisy worked arithmetic (assets/tiny_math: `python -m com
                   plain      continued DAPO
                   hot        continued DAPO sampling at the temperature tau(H) (the paper's baseline): the tau at
                              which the collapsed model's own samples have entropy H (reheat_tsopsd --calibrate-tau)
-                  tsopsd     reheat_tsopsd.py to H (teacher at tau(H), frozen; forward KL; stops at H, at most 40
-                             steps), then continued DAPO
+                  tsopsd     reheat_tsopsd.py to H (teacher at tau(H), frozen; forward KL at lr 5e-4; stops at H,
+                             at most 60 steps), then continued DAPO
                   closed     the closed-form reheat at tau(H) (final norm / tau), then continued DAPO; sampling it
                              at T=1 is sampling the collapsed model at T=tau(H): the hot arm's starting law
                   bonus      continued DAPO with the adaptive entropy bonus aiming at H (rl_dapo --entropy-target)
@@ -69,16 +69,17 @@ class Args:
     jobs: int = arg(2, "stages run side by side in stage 2 (arms of a seed), each with cores / jobs threads; 1: one "
                     "after another, streaming progress bars")
     arm_steps: int = arg(30, "continued-DAPO steps of every arm")
-    reheat_steps: int = arg(40, "TS-OPSD steps at most before the tsopsd arm's continued RL (it stops at the target)")
+    reheat_steps: int = arg(60, "TS-OPSD steps at most before the tsopsd arm's continued RL (it stops at the target)")
     target_entropy: float | None = arg(None, "entropy H the arms are matched to (default: the start model's own-sample "
                                        "entropy at T=1 on the training problems, measured first)")
-    divergence: str = arg("forward_kl", "TS-OPSD divergence of the tsopsd arm: forward_kl reaches H in ~30 steps at lr "
-                          "3e-4 on this model, reverse_kl (the script's default) is still at half of it after 40 "
-                          "(README.md#what-the-demo-shows)", choices=("reverse_kl", "forward_kl", "jsd"))
+    divergence: str = arg("forward_kl", "TS-OPSD divergence of the tsopsd arm: forward_kl (mass-covering) reaches H in "
+                          "~30-50 steps on this model; reverse_kl (the script's default, mode-seeking) was at half of "
+                          "it after 40 steps at lr 3e-4 and broke accuracy at 1e-3 (README.md#what-the-demo-shows)",
+                          choices=("reverse_kl", "forward_kl", "jsd"))
     bonus_delta: float = arg(0.05, "adaptive entropy bonus step of the bonus arm (TRL's 0.005 barely moves in the ~20 "
                              "updates of 30 collapsed steps: bench/results/remedies_probe.json)")
     lr: float = arg(1e-4, "DAPO learning rate of the arms (50x the paper's 2e-6: a 640k-parameter model needs it)")
-    reheat_lr: float = arg(3e-4, "TS-OPSD learning rate")
+    reheat_lr: float = arg(5e-4, "TS-OPSD learning rate (3e-4 leaves forward KL short of H after 60 steps)")
     group_size: int = arg(8, "samples per prompt")
     prompts_per_step: int = arg(16, "groups per DAPO step")
     max_response_len: int = arg(64, "max tokens per response")
@@ -212,6 +213,9 @@ def main(argv=None):
     match = ["--calibrate-tau", "--target-entropy", f"{target:.6g}"]
     print(f"[demo] 2/4 arms matched to the start model's entropy on the training problems, H = {target:.4f}", flush=True)
     closed = os.path.join(runs, "closed_form")
+    made = os.path.join(closed, "closed_form.json")
+    if os.path.isfile(made) and json.load(open(made)).get("calibrated", {}).get("target_entropy") != float(f"{target:.6g}"):
+        shutil.rmtree(closed)                           # calibrated for another target: redo
     if not os.path.isdir(closed):
         run([py, "reheat_tsopsd.py", "--ckpt", collapsed, "--closed-form", *match, "--data", train, "--prompt-style",
              "plain", "--rollout-engine", args.engine, "--group-size", str(args.group_size), "--prompts-per-step",
@@ -233,8 +237,8 @@ def main(argv=None):
         arm_runs["tsopsd"][seed] = arm(f"tsopsd_s{seed}", reheated[seed], seed)
         arm_runs["closed"][seed] = arm(f"closed_s{seed}", closed, seed)
         if seed == 0:       # Delta_low: as many steps at 1/tau as the reheat took at tau (evaluate --displacement)
-            steps = len(read_metrics(os.path.dirname(reheated[0])))
-            reheat(0, "sharpen_s0", ["--tau", f"{1 / tau:.6g}", "--steps", str(steps)])
+            rows = read_metrics(os.path.dirname(reheated[0]))
+            reheat(0, "sharpen_s0", ["--tau", f"{1 / rows[-1]['reheat/tau']:.6g}", "--steps", str(len(rows))])
 
     # two chains per seed, side by side (--jobs; plumbing only: every stage is the same command either way)
     print(f"[demo] arms, {args.seeds} seed(s), {args.jobs} stage(s) at a time", flush=True)
@@ -415,10 +419,12 @@ def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, co
              f"| arm | start | start entropy (H = {target:.3f}) | rollout entropy, last 5 | uniform groups, last 5 | "
              f"ent_t1 | held-out avg@{k} | pass@{k} |", "|---|---|---|---|---|---|---|---|"]
     train_ent = lambda name: evals_train.get(name, {}).get("macro", {}).get("ent_t1")   # noqa: E731
-    reheat_steps = [len(read_metrics(os.path.dirname(p))) for p in reheated.values()]
+    reheat_rows = [read_metrics(os.path.dirname(p)) for p in reheated.values()]
+    reheat_taus = "/".join(f"{rows[-1]['reheat/tau']:.3f}" for rows in reheat_rows)
     starts = {"plain": ("collapsed", [train_ent("collapsed")]),
               "hot": (f"collapsed, T={tau:.3f}", [train_ent("closed_form")]),
-              "tsopsd": (f"TS-OPSD to H ({args.divergence}, tau {tau:.3f}, {'/'.join(map(str, reheat_steps))} steps)",
+              "tsopsd": (f"TS-OPSD to H ({args.divergence}, tau {reheat_taus}, "
+                         f"{'/'.join(str(len(rows)) for rows in reheat_rows)} steps)",
                          [train_ent(f"reheated_s{s}") for s in reheated]),
               "closed": (f"closed form tau={tau:.3f}", [train_ent("closed_form")]),
               "bonus": (f"collapsed, adaptive bonus to H", [train_ent("collapsed")])}
@@ -468,8 +474,9 @@ def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, co
     disp_paths = glob.glob(os.path.join(eval_dir, "displacement__*.json"))
     if disp_paths:
         d = json.load(open(disp_paths[0]))
-        lines += ["", f"Displacement in weight space (evaluate.py --displacement): Delta_high = reheated - collapsed "
-                  f"(tau {tau:.3f}), Delta_low = sharpened - collapsed (the same distillation at tau {1 / tau:.3f}, as "
+        t0 = reheat_rows[0][-1]["reheat/tau"]
+        lines += ["", f"Displacement in weight space (evaluate.py --displacement): Delta_high = reheated_s0 - collapsed "
+                  f"(tau {t0:.3f}), Delta_low = sharpened - collapsed (the same distillation at tau {1 / t0:.3f}, as "
                   f"many steps):", "", "| | ours | paper (Qwen3-8B) |", "|---|---|---|",
                   f"| cos(Delta_low, Delta_high) (`cos_low_high`) | {d['cos_low_high']:.3f} | -0.878 |",
                   f"| reverse projection coefficient | {d['reverse_coef']:.3f} | 0.891 |",

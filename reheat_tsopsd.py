@@ -76,15 +76,16 @@ class Args:
     closed_form: bool = arg(False, "write the exact tau-tempered checkpoint (final norm / tau) to --out and exit", group="method")
     calibrate_tau: bool = arg(False, "choose tau instead of taking --tau: the tau at which the starting model's mean "
                               "token entropy of softmax(z / tau), at the response positions of one batch of its own "
-                              "samples (the first step's prompts and seeds, T=1), equals --target-entropy "
-                              "(common/calibrate.py: a bisection, no training); printed and logged as reheat/tau. With "
-                              "--closed-form: the closed form at that tau (needs --data, samples like a reheat run)",
-                              group="method")
+                              "samples (the first step's prompts and seeds; round 1 at T=1, later rounds at the tau "
+                              "found, see --calibrate-rounds), equals --target-entropy (common/calibrate.py: a "
+                              "bisection, no training); printed and logged as reheat/tau. With --closed-form: the "
+                              "closed form at that tau (needs --data, samples like a reheat run)", group="method")
     calibrate_rounds: int = arg(2, "--calibrate-tau rounds: 1 measures at the positions of T=1 samples (the tempered "
                                 "model, sampling more widely, then sees more entropy than H); each further round "
                                 "resamples at the tau found", group="method")
-    calibrate_tokens: int = arg(65536, "response tokens per rank kept (evenly spaced) for --calibrate-tau: bounds the "
-                                "stored hidden states (65536 x 4096 bf16 = 512 MiB)", group="method")
+    calibrate_tokens: int = arg(4096, "response tokens per rank kept (evenly spaced over the batch) for "
+                                "--calibrate-tau: each bisection step is one lm_head pass over them (Qwen3-8B: 4096 x "
+                                "151936 x 4096 x 2 FLOP ~ 5e15), ~15 per round", group="method")
     # data and rollout
     data: str = arg("dapo17k", "prompts: a name from common/data.py or a .jsonl/.parquet file", group="data and rollout")
     prompt_style: str = arg("dapo_chat", "dapo_chat, dapo_raw, or plain (see rl_dapo.py)", group="data and rollout",
@@ -191,12 +192,17 @@ def calibrated_tau(model, engine, problems, tokenizer, args, info) -> float:
     lm = unwrap(model)
     head_name = "model.embed_tokens.weight" if lm.config.tie_word_embeddings else "lm_head.weight"
     weight, tau = None, 1.0
+    compute_dtype = torch.bfloat16 if use_bf16(info, args.bf16) else torch.float32   # the same on every rank
     for round_ in range(args.calibrate_rounds):
+        if round_:
+            engine.sync_weights(model)                  # wakes a sleeping vLLM (the weights are unchanged)
         groups = engine.generate([render_prompt(p, tokenizer, args.prompt_style) for p in batch], n=args.group_size,
                                  temperature=tau, top_p=1.0, max_tokens=args.max_response_len, seeds=seeds)
         engine.sleep()
         seqs = [(s.prompt_ids, s.response_ids) for g in groups for s in g][engine.tp_rank::engine.tp]
-        stride = -(-sum(len(r) for _, r in seqs) // args.calibrate_tokens) or 1
+        # one stride for every rank: each token of the batch weighs the same in the mean over ranks
+        total = int(all_reduce(sum(len(r) for _, r in seqs)).item())
+        stride = max(1, -(-total // (args.calibrate_tokens * info.world_size)))
         micro = plan_micro_batches([len(p) + len(r) for p, r in seqs], args.micro_batch_tokens, 1)[0]
         micro += [None] * (int(all_reduce(len(micro), "max").item()) - len(micro))   # FSDP: the same count everywhere
         hiddens = []
@@ -207,16 +213,17 @@ def calibrated_tau(model, engine, problems, tokenizer, args, info) -> float:
             if part is not None:
                 hiddens.append(h)
         if weight is None:
-            weight = next(t for _, t in full_params(model, dtype=hiddens[0].dtype if hiddens else torch.float32,
-                                                    names={head_name})).to(info.device)
+            weight = next(t for _, t in full_params(model, dtype=compute_dtype, names={head_name})).to(info.device)
         entropy_at = tempered_entropy(hiddens, weight, chunk_size=args.chunk_size)
         sampled_at = tau
         try:
-            tau = solve_tau(entropy_at, args.target_entropy)
+            tau = solve_tau(entropy_at, args.target_entropy, rel_tol=1e-3)
         except ValueError as e:
             raise SystemExit(f"[reheat_tsopsd] --calibrate-tau: {e}")
         print0(f"[reheat_tsopsd] --calibrate-tau round {round_ + 1}: samples at T={sampled_at:.4f} have entropy "
                f"{entropy_at(sampled_at):.4f}; {args.target_entropy} at tau {tau:.4f}")
+    del hiddens, weight
+    engine.sync_weights(model)                          # awake for the first step (vLLM slept after sampling)
     return tau
 
 

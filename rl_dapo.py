@@ -40,7 +40,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from common.batching import agree_on_groups, build_step_batch, default_micro_batch_tokens, pack_padding_free
+from common.batching import agree_on_groups, build_step_batch, concat, default_micro_batch_tokens, pack_padding_free
 from common.checkpoint import (check_disk_space, latest_checkpoint, load_checkpoint, save_checkpoint, save_hf,
                                stored_dtype)
 from common.cli import arg, check_context_length, parse_args, with_resumed_config
@@ -53,7 +53,7 @@ from common.preflight import materialize_optimizer_state, oom_hint, preflight, p
 from common.losses import chunked_logprob_entropy, entropy_from_hidden
 from common.rollout import make_engine
 from common.runlog import MetricsLogger, make_run_dir, warn_logprob_mismatch
-from common.select import global_mean, global_quantile, global_top_k, token_ids
+from common.select import global_mean, global_quantile, global_top_k, token_ids, uniform_keys
 from common.stats import distinct_count
 from common.tally import Tally
 
@@ -106,8 +106,9 @@ class Args:
     chunk_size: int = arg(1024, "tokens per chunk of the vocabulary-wide log-prob/entropy head", group="loss")
     compile: bool = arg(True, "torch.compile the chunked log-prob/entropy hot path (eager twin otherwise)", group="loss")
     # objective-side entropy remedies (README.md#entropy-remedies); all off by default: the DAPO loss above
-    policy_loss: str = arg("dapo", "dapo; clip_cov (Cui et al. 2505.22617: drop the gradient of a random "
-                           "--cov-ratio of the tokens whose covariance lies in (--clip-cov-lb, --clip-cov-ub)); "
+    policy_loss: str = arg("dapo", "dapo; clip_cov (Cui et al. 2505.22617: drop the gradient of k = max(1, "
+                           "--cov-ratio x the mini-batch's tokens) tokens drawn among those whose covariance lies in "
+                           "(--clip-cov-lb, --clip-cov-ub) and that are not already clipped); "
                            "kl_cov (same paper: no PPO clip, + --kl-cov-coef |log ratio| on the top --cov-ratio "
                            "tokens by covariance; a no-op when a step has one mini-batch). verl selects per GPU "
                            "micro-batch; here over the whole mini-batch on all ranks, so the tokens chosen do not "
@@ -127,8 +128,10 @@ class Args:
                                        "use_adaptive_entropy): after each optimizer step c += delta if that "
                                        "step's entropy <= this target else c -= delta, within [--entropy-coef-min, "
                                        "--entropy-coef-max]; the bonus applies only while the last measured entropy "
-                                       "is <= target. No default: set it from the run's own early train/entropy "
-                                       "(math RL: ~0.1-0.3 nats)", group="entropy remedies")
+                                       "is <= target. The entropy measured is the update's token-mean entropy at T "
+                                       "over the tokens that get the policy gradient (all, or the 80/20 selection), "
+                                       "logged as train/entropy_controlled. No default: set it from the run's own "
+                                       "early train/entropy (math RL: ~0.1-0.3 nats)", group="entropy remedies")
     entropy_coef_delta: float = arg(0.005, "adaptive control step (TRL: 0.005)", group="entropy remedies")
     entropy_coef_min: float = arg(0.0, "adaptive control lower bound (TRL: 0)", group="entropy remedies")
     entropy_coef_max: float = arg(1.0, "adaptive control upper bound (TRL: 1)", group="entropy remedies")
@@ -471,6 +474,9 @@ def main(argv=None):
         """Generation batches until --prompts-per-step groups with mixed answers were kept (all ranks) or
         --max-gen-batches were drawn. Returns (this rank's kept groups, the new cursor, rollout metrics)."""
         kept, tally, t_gen, t_grade, gen_batches = [], Tally(weight=float(speaks)), 0.0, 0.0, 0
+        tally.add(samples=0, correct=0, tokens=0, truncated=0, distinct=0, groups=0, sampled_nll=0, all_right=0,
+                  all_wrong=0)                          # every name on every rank, even one that draws no prompt
+        tally.max(len_max=0)
         while True:
             problems, positions = draw_prompts(cursor, args.gen_batch_prompts)
             cursor += args.gen_batch_prompts
@@ -515,43 +521,41 @@ def main(argv=None):
             "perf/rollout_tokens_per_s": r["tokens"] / max(r["gen_seconds"], 1e-9)}
 
     # ------------------------------------------------------------------------- 5: the update
-    def per_token(values_by_seq, idx, dev, fill=None):
-        """Concatenate per-sequence tensors of sequences idx on dev (a one-element `fill` for the dummy)."""
-        if not idx:
-            return torch.tensor([fill], device=dev)
-        return torch.cat([torch.as_tensor(values_by_seq[i]) for i in idx]).to(dev)
+    def score(batch, parts):
+        """No-grad forwards of micro-batches `parts` of the step's batch (None: a dummy, run for FSDP's
+        collectives): per sequence i, log-probs and entropies at T as float32 [n_resp[i]] tensors, and the summed
+        entropies (at T, at T=1) of the real tokens."""
+        lp, ent, sums = {}, {}, torch.zeros(2, dtype=torch.float64, device=info.device)
+        for part in parts:
+            logp, e, e1 = forward_logprobs([batch.seqs[i] for i in part or []], grad=False)
+            sizes = [batch.n_resp[i] for i in part or []]
+            n = sum(sizes)                                  # a dummy's one position is dropped here
+            lp |= dict(zip(part or [], logp.float()[:n].split(sizes)))
+            ent |= dict(zip(part or [], e.float()[:n].cpu().split(sizes)))
+            sums += torch.stack([e[:n].sum(), e1[:n].sum()]).to(sums)
+        return lp, ent, sums
 
     def choose_tokens(batch, mb, advs, old_lp, old_ent, step):
         """The tokens of mini-batch mb that the covariance rule picks and those the entropy quantile keeps, as
         {i: bool [n_resp[i]]}, chosen over the whole mini-batch on all ranks from the CURRENT policy's log-probs
         and entropies (a no-grad pass; before the first update they are the pre-update pass's)."""
-        if mb == 0 and old_lp:
-            cur_lp, cur_ent = old_lp, old_ent
-        else:
-            cur_lp, cur_ent = {}, {}
-            for part in batch.plan[mb]:
-                logp, ent, _ = forward_logprobs([batch.seqs[i] for i in part or []], grad=False)
-                sizes = [batch.n_resp[i] for i in part or []]
-                cur_lp |= dict(zip(part or [], logp.float().cpu().split(sizes)))
-                cur_ent |= dict(zip(part or [], ent.float().cpu().split(sizes)))
-        idx = [i for part in batch.plan[mb] if part for i in part]
+        cur_lp, cur_ent = (old_lp, old_ent) if mb == 0 and old_lp else score(batch, batch.plan[mb])[:2]
+        idx = [i for part in batch.plan[mb] if part for i in part]      # this rank's sequences of mini-batch mb
         sizes = [batch.n_resp[i] for i in idx]
-        lp, ent = per_token(cur_lp, idx, "cpu", 0.0)[:sum(sizes)], per_token(cur_ent, idx, "cpu", 0.0)[:sum(sizes)]
+        lp, ent = concat(cur_lp, idx).double(), concat(cur_ent, idx)
         picked = keep = None
         if args.top_entropy_quantile < 1.0:
             keep = high_entropy_tokens(ent, args.top_entropy_quantile)
         if args.policy_loss != "dapo":
             adv = torch.tensor([advs[i] for i in idx for _ in range(batch.n_resp[i])], dtype=torch.float64)
-            old = per_token(old_lp, idx, "cpu", 0.0)[:sum(sizes)].double() if old_lp else lp.double()
-            _, c_hi, c_lo, dual = dapo_token_loss(lp.double(), old, adv, args.eps_low, args.eps_high, args.dual_clip)
-            keys = [torch.rand(batch.n_resp[i], generator=torch.Generator().manual_seed(derive_seed(args.seed, i, step, 3 + mb)),
-                               dtype=torch.float64) for i in idx]
-            cov = covariance(adv, lp.double(), global_mean(adv.sum(), len(adv)), global_mean(lp.double().sum(), len(lp)))
-            n_tok = sum(batch.n_resp[i] for i in batch.mini(mb))
+            old = concat(old_lp, idx).double() if old_lp else lp
+            _, c_hi, c_lo, dual = dapo_token_loss(lp, old, adv, args.eps_low, args.eps_high, args.dual_clip)
+            cov = covariance(adv, lp, global_mean(adv.sum(), len(adv)), global_mean(lp.sum(), len(lp)))
             picked = cov_pick(args.policy_loss, cov, token_ids(idx, batch.n_resp, batch.token_offsets()),
-                              torch.cat(keys) if keys else torch.zeros(0, dtype=torch.float64), c_hi | c_lo | dual,
-                              n_tok, args.cov_ratio, args.clip_cov_lb, args.clip_cov_ub)
-        split = lambda mask: dict(zip(idx, mask.split(sizes))) if mask is not None else None
+                              uniform_keys(idx, batch.n_resp, derive_seed(args.seed, step, mb, 3)),
+                              c_hi | c_lo | dual, sum(batch.n_resp[i] for i in batch.mini(mb)), args.cov_ratio,
+                              args.clip_cov_lb, args.clip_cov_ub)
+        split = lambda mask: dict(zip(idx, mask.split(sizes))) if mask is not None else None    # noqa: E731
         return split(picked), split(keep)
 
     def bonus_coef() -> float:
@@ -564,16 +568,12 @@ def main(argv=None):
 
     def update_policy(batch, advs, step) -> dict:
         """One epoch of PPO over the step's mini-batches, one optimizer step each (docstring, step 5)."""
-        tally, grad_norms, skipped, applied = Tally(info.device), [], 0, []
+        tally, grad_norms, skipped, applied, controlled = Tally(info.device), [], 0, [], []
         tally.max(diff_max=0.0)
         old_lp, old_ent = {}, {}
         if batch.n_mini > 1:      # off-policy after the first update: pre-update log-probs (and entropies) first
-            for part in (mb for mini in batch.plan for mb in mini):
-                logp, ent, ent1 = forward_logprobs([batch.seqs[i] for i in part or []], grad=False)
-                sizes = [batch.n_resp[i] for i in part or []]
-                old_lp |= dict(zip(part or [], logp.float().split(sizes)))
-                old_ent |= dict(zip(part or [], ent.float().cpu().split(sizes)))
-                tally.add(entropy=ent.sum() * bool(part), entropy_t1=ent1.sum() * bool(part))
+            old_lp, old_ent, sums = score(batch, [mb for mini in batch.plan for mb in mini])
+            tally.add(entropy=sums[0], entropy_t1=sums[1])
         selecting = args.policy_loss != "dapo" or args.top_entropy_quantile < 1.0
         scales = token_mean_scales(batch.n_resp, batch.per_mini, info.world_size)  # from global counts
         for mb in range(batch.n_mini):
@@ -587,14 +587,14 @@ def main(argv=None):
                 logp, ent, ent1 = forward_logprobs([batch.seqs[i] for i in idx], grad=True, entropy_grad=coef > 0)
                 dev = logp.device
                 adv = torch.tensor([advs[i] for i in idx for _ in range(batch.n_resp[i])] or [0.0], device=dev)
-                slp = per_token(batch.sampler_logprobs, idx, dev, 0.0)
-                old = per_token(old_lp, idx, dev, 0.0) if old_lp else logp.detach().float()
+                slp = concat(batch.sampler_logprobs, idx, dev, fill=0.0)
+                old = concat(old_lp, idx, dev, fill=0.0) if old_lp else logp.detach().float()
                 tis = (old - slp).exp().clamp(max=args.tis_cap) if args.tis_cap > 0 else None
-                pick = per_token(picked, idx, dev, False) if picked else torch.zeros_like(adv, dtype=torch.bool)
+                pick = concat(picked, idx, dev, fill=False) if picked else torch.zeros_like(adv, dtype=torch.bool)
                 loss_tok, c_hi, c_lo, dual = policy_token_loss(
                     args.policy_loss, logp.float(), old, adv, pick, eps_low=args.eps_low, eps_high=args.eps_high,
                     dual_clip=args.dual_clip, kl_cov_coef=args.kl_cov_coef, tis_weight=tis)
-                kept_tok = per_token(keep, idx, dev, True) if keep else torch.ones_like(pick)
+                kept_tok = concat(keep, idx, dev, fill=True) if keep else torch.ones_like(pick)
                 if keep:
                     loss_tok = loss_tok * kept_tok                # 80/20: only high-entropy tokens learn
                 bonus = coef * (ent.float() * kept_tok).sum() if coef > 0 else 0.0   # entropy bonus, same tokens
@@ -619,6 +619,7 @@ def main(argv=None):
             if args.entropy_target is not None:
                 w = window.reduce()
                 control["entropy_last"] = w.ratio("entropy", "tokens")
+                controlled.append(control["entropy_last"])
                 control["entropy_coef"] = adapt_entropy_coef(control["entropy_coef"], control["entropy_last"],
                                                              args.entropy_target, args.entropy_coef_delta,
                                                              args.entropy_coef_min, args.entropy_coef_max)
@@ -641,6 +642,7 @@ def main(argv=None):
                 "train/entropy_selected_frac": r.ratio("entropy_kept", "tokens"),
                 "train/entropy_coef": control["entropy_coef"] if args.entropy_target is not None else args.entropy_coef,
                 "train/entropy_coef_applied": sum(applied) / max(len(applied), 1),
+                **({"train/entropy_controlled": sum(controlled) / len(controlled)} if controlled else {}),
                 "rollout/logprob_diff_mean": r["diff"] / max(first_mb_tokens, 1),
                 "rollout/logprob_diff_max": r["diff_max"]}
 

@@ -226,3 +226,11 @@ def build_step_batch(groups: list[dict], tensors: dict, per_mini: int, budget: i
     seqs = {i: (ids[:t - r].tolist(), ids[t - r:].tolist()) for i, (ids, _) in data.items() for t, r in [sizes[i]]}
     return StepBatch(n_resp=[r for _, r in sizes], per_mini=per_mini, plan=plan, seqs=seqs,
                      sampler_logprobs={i: lps for i, (_, lps) in data.items()})
+
+
+def concat(values: dict, idx: list[int], device="cpu", *, fill=None) -> torch.Tensor:
+    """The per-sequence tensors values[i] of sequences idx, concatenated in that order, on `device`; for a dummy
+    micro-batch (no sequences) with a `fill`, the one-element tensor [fill] (its one loss position)."""
+    if not idx:
+        return torch.tensor([] if fill is None else [fill], device=device)
+    return torch.cat([torch.as_tensor(values[i]) for i in idx]).to(device)

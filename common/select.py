@@ -64,3 +64,14 @@ def global_quantile(values: torch.Tensor, q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, s.numel() - 1)
     return float(s[lo] + (pos - lo) * (s[hi] - s[lo]))
+
+
+def uniform_keys(idx: list[int], n_resp: list[int], seed: int) -> torch.Tensor:
+    """Uniform [0, 1) float64 numbers for the response tokens of sequences idx (concatenated), a function of
+    (seed, sequence index, position) only: a token gets the same key on whichever rank and micro-batch it lands
+    (Clip-Cov's random choice then does not depend on the partition)."""
+    from common.dist import derive_seed
+    if not idx:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat([torch.rand(n_resp[i], generator=torch.Generator().manual_seed(derive_seed(seed, i)),
+                                 dtype=torch.float64) for i in idx])

@@ -292,3 +292,19 @@ def test_resume_keeps_the_adaptive_coefficient(tiny_warm, tmp_path):
     assert straight[1]["train/entropy_coef_applied"] == pytest.approx(0.0225)   # 0.02 then 0.025
     assert_rows_match(straight, split, keys=SAME, rel=1e-6)
     assert_same_weights(tmp_path / "straight" / "final", tmp_path / "split" / "final", atol=1e-6)
+
+
+@pytest.mark.slow
+def test_dummy_micro_batches_on_two_processes(tiny_warm, tmp_path):
+    """3 sequences per mini-batch, one per micro-batch, on 2 ranks: one rank runs a dummy micro-batch in every pass
+    (the pre-update pass of 2 mini-batches, Clip-Cov's selection pass, the update), whose one loss position must be
+    dropped, not split among no sequences (that raised on the dummy rank while the other waited in FSDP's
+    collectives). The step equals the one-process step."""
+    base = ["--model", tiny_warm["model"], "--data", tiny_warm["train"], *RL, "--group-size", 3,
+            "--prompts-per-step", 2, "--ppo-mini-batch", 1, "--micro-batch-tokens", 1, "--steps", 1,
+            "--policy-loss", "clip_cov", "--cov-ratio", 0.1, "--clip-cov-lb", -5, "--out", tmp_path]
+    run_in_process(rl_dapo, [str(a) for a in base + ["--run-name", "one"]])
+    run_script("rl_dapo.py", [str(a) for a in base + ["--run-name", "two", "--sharding", "fsdp"]], nproc=2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert one[0]["train/updates"] == 2
+    assert_rows_match(one, two, keys=SAME, rel=1e-5, abs_=1e-7)
