@@ -16,7 +16,7 @@ that was supervised on noisy worked arithmetic (assets/tiny_math: `python -m com
                   hot        continued DAPO sampling at the temperature tau(H) (the paper's baseline): the tau at
                              which the collapsed model's own samples have entropy H (reheat_tsopsd --calibrate-tau)
                   tsopsd     reheat_tsopsd.py to H (teacher at tau(H), frozen; forward KL at lr 5e-4; stops at H,
-                             at most 60 steps), then continued DAPO
+                             at most 100 steps), then continued DAPO
                   closed     the closed-form reheat at tau(H) (final norm / tau), then continued DAPO; sampling it
                              at T=1 is sampling the collapsed model at T=tau(H): the hot arm's starting law
                   bonus      continued DAPO with the adaptive entropy bonus aiming at H (rl_dapo --entropy-target)
@@ -69,7 +69,7 @@ class Args:
     jobs: int = arg(2, "stages run side by side in stage 2 (arms of a seed), each with cores / jobs threads; 1: one "
                     "after another, streaming progress bars")
     arm_steps: int = arg(30, "continued-DAPO steps of every arm")
-    reheat_steps: int = arg(60, "TS-OPSD steps at most before the tsopsd arm's continued RL (it stops at the target)")
+    reheat_steps: int = arg(100, "TS-OPSD steps at most before the tsopsd arm's continued RL (it stops at the target)")
     target_entropy: float | None = arg(None, "entropy H the arms are matched to (default: the start model's own-sample "
                                        "entropy at T=1 on the training problems, measured first)")
     divergence: str = arg("forward_kl", "TS-OPSD divergence of the tsopsd arm: forward_kl (mass-covering) reaches H in "
@@ -79,7 +79,7 @@ class Args:
     bonus_delta: float = arg(0.05, "adaptive entropy bonus step of the bonus arm (TRL's 0.005 barely moves in the ~20 "
                              "updates of 30 collapsed steps: bench/results/remedies_probe.json)")
     lr: float = arg(1e-4, "DAPO learning rate of the arms (50x the paper's 2e-6: a 640k-parameter model needs it)")
-    reheat_lr: float = arg(5e-4, "TS-OPSD learning rate (3e-4 leaves forward KL short of H after 60 steps)")
+    reheat_lr: float = arg(5e-4, "TS-OPSD learning rate (at 3e-4 forward KL was short of H after 40 steps)")
     group_size: int = arg(8, "samples per prompt")
     prompts_per_step: int = arg(16, "groups per DAPO step")
     max_response_len: int = arg(64, "max tokens per response")
