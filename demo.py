@@ -33,7 +33,7 @@ that was supervised on noisy worked arithmetic (assets/tiny_math: `python -m com
     python demo.py --seeds 3            # three seeds per arm (~16 minutes): mean and 95% CI, seed-aware tests
     python demo.py --quick              # a few steps of everything (what CI runs)
 
-Learning rates are 50-150x the paper's 2e-6: the tiny model needs them to move in hundreds of steps. What a toy
+Learning rates are 50-250x the paper's 2e-6: the tiny model needs them to move in hundreds of steps. What a toy
 can show: the mechanics (RL collapses entropy and diversity, reheating raises them, RL continues from each
 start) and how the arms compare on this task; not whether the paper's claim holds for Qwen3 on competition math.
 """

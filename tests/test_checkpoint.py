@@ -17,6 +17,7 @@ from safetensors import safe_open
 import common.checkpoint
 from common.checkpoint import (check_disk_space, checkpoint_bytes, count_params, latest_checkpoint, load_checkpoint,
                                save_checkpoint, save_hf, stored_dtype)
+from common.loading import make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +72,7 @@ def scripts_model_trained(model_dir, steps=2):
     from common.dist import DistInfo
     from common.loading import load_sharded
     model = load_sharded(model_dir, DistInfo(), "fsdp")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = make_optimizer(model, lr=1e-2, weight_decay=0.1)            # the scripts' optimizer
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         lm_loss(model, torch.randint(0, 300, (2, 12), generator=g)).backward()
@@ -101,7 +102,7 @@ def test_round_trip_restores_weights_optimizer_rng_and_state(export, tiny, tmp_p
     expected = draws()
 
     fresh = load_sharded(tiny["model"], DistInfo(), "fsdp")
-    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=5.0)
+    fresh_opt = make_optimizer(fresh, lr=5.0, weight_decay=0.01)
     draws()                                         # move every generator on; loading must rewind them
     state = load_checkpoint(ckpt, fresh, fresh_opt)
     assert state == {"step": 7, "cursor": 123, "config": {"lr": 1e-2}}
@@ -180,7 +181,7 @@ def test_old_layout_resumes_from_its_hf_weights(tiny, tmp_path):
     shutil.rmtree(os.path.join(old, "resume", "model"))        # which had no DCP weights
     assert sorted(os.listdir(os.path.join(old, "resume"))) == ["optimizer", "rng_rank0.pt", "trainer_state.json"]
     fresh = fresh_model(tiny["model"])
-    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=5.0)
+    fresh_opt = make_optimizer(fresh, lr=5.0, weight_decay=0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                          # fp32 on disk and in the model: no warning
         assert load_checkpoint(old, fresh, fresh_opt)["step"] == 3
@@ -358,7 +359,7 @@ def test_torchrun_fsdp2_and_ddp(tiny, tmp_path):
     from common.dist import DistInfo
     from common.loading import load_sharded
     one = load_sharded(tiny["model"], DistInfo(), "fsdp")
-    one_opt = torch.optim.AdamW(one.parameters(), lr=5.0)
+    one_opt = make_optimizer(one, lr=5.0, weight_decay=0.01)
     load_checkpoint(fsdp["ckpt"], one, one_opt)
     got = hf_names(one.state_dict())
     assert got.keys() == fsdp["params"].keys() and all(torch.equal(got[k], fsdp["params"][k]) for k in got)
