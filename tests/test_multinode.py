@@ -45,8 +45,13 @@ def test_two_nodes_match_one_process_checkpoint_once_and_resume(script, tiny_war
     run_two_nodes(script, ["--resume", two_dir, "--steps", 2])
     rows_two, rows_one = metrics(two_dir), metrics(os.path.join(out, "one"))
     assert [r["step"] for r in rows_two] == [1, 2]
-    _assert_close_rows(rows_two[1], rows_one[1], keys)
-    assert_same_weights(os.path.join(out, "one", "final"), os.path.join(two_dir, "final"), atol=1e-4)
+    # after one Adam step at lr 1e-3, the 2-process gradient's different summation order shows: measured on a
+    # 2-core Xeon (also on the tree before issue 19), step 2's pg_loss -0.0098396 vs -0.0098409 (rel 1.3e-4) and
+    # approx_kl rel 1.3e-4, the rest <= 2.4e-5; step 1 is compared at 1e-4 above
+    _assert_close_rows(rows_two[1], rows_one[1], keys, rel=1e-3)
+    # Adam moves a coordinate whose gradient is ~0 by up to ~lr whichever way the summation order tips m / sqrt(v):
+    # seen here 3 of 49,152 embedding entries 2.4e-4 apart after 2 steps at lr 1e-3 (the rest far closer)
+    assert_same_weights(os.path.join(out, "one", "final"), os.path.join(two_dir, "final"), atol=1e-3)
 
 
 def _storage_worker(rank, port, dirs, results):
