@@ -227,26 +227,38 @@ def calibrated_tau(model, engine, problems, tokenizer, args, info) -> float:
     return tau
 
 
-def calibrated_closed_form(args):
-    """--closed-form --calibrate-tau: sample like a reheat run's first step, find tau, write the closed form."""
+def setup(args):
+    """What every mode runs before weights load: the process group, seeds, data, tokenizer and the context check.
+    Returns (info, ckpt path, problems, tokenizer, longest prompt, the model's max positions)."""
     info = init_distributed(args.device)
     check_sharding(args.sharding, info)
     args.micro_batch_tokens = args.micro_batch_tokens or default_micro_batch_tokens(info.device.type)
-    seed_everything(derive_seed(args.seed, rank=info.rank))
+    seed_everything(derive_seed(args.seed, info.rank))
     ckpt = resolve_model_path(args.ckpt)
-    try:
+    try:                                                # before the run directory: a typo leaves no empty run
         problems = load_problems(args.data)
     except DataError as e:
         raise SystemExit(f"[reheat_tsopsd] {e}")
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     max_prompt = max(len(tokenizer(render_prompt(p, tokenizer, args.prompt_style)).input_ids) for p in problems)
-    max_positions = check_context_length(ckpt, max_prompt, args.max_response_len)
+    max_positions = check_context_length(ckpt, max_prompt, args.max_response_len)   # before any weights load
+    return info, ckpt, problems, tokenizer, max_prompt, max_positions
+
+
+def rollout_engine(args, model, ckpt, tokenizer, info, max_prompt, max_positions, sleep: bool):
+    """The rollout engine (common/rollout.py) for `model`, sized for the longest prompt plus a response."""
+    return make_engine(args.rollout_engine, model=model, model_path=ckpt, tokenizer=tokenizer, info=info,
+                       max_model_len=min(max_prompt + args.max_response_len + 8, max_positions or 1 << 30),
+                       seed=args.seed, hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
+                       vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp, vllm_sleep=sleep)
+
+
+def calibrated_closed_form(args):
+    """--closed-form --calibrate-tau: sample like a reheat run's first step, find tau, write the closed form."""
+    info, ckpt, problems, tokenizer, max_prompt, max_positions = setup(args)
     model = load_sharded(ckpt, info, args.sharding, bf16=args.bf16, requires_grad=False)
-    engine = make_engine(args.rollout_engine, model=model, model_path=ckpt, tokenizer=tokenizer, info=info,
-                         max_model_len=min(max_prompt + args.max_response_len + 8, max_positions or 1 << 30), seed=args.seed,
-                         hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
-                         vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp, vllm_sleep=False)
+    engine = rollout_engine(args, model, ckpt, tokenizer, info, max_prompt, max_positions, sleep=False)
     tau = calibrated_tau(model, engine, problems, tokenizer, args, info)
     if info.is_main:
         closed_form_reheat(ckpt, tau, args.out, {"calibrated": {"target_entropy": args.target_entropy,
@@ -266,19 +278,7 @@ def main(argv=None):
     args = with_resumed_config(args)
 
     # ------------------------------------------------------------------------- setup
-    info = init_distributed(args.device)
-    check_sharding(args.sharding, info)
-    args.micro_batch_tokens = args.micro_batch_tokens or default_micro_batch_tokens(info.device.type)
-    seed_everything(derive_seed(args.seed, info.rank))
-    ckpt = resolve_model_path(args.ckpt)
-    try:                                                # before the run directory: a typo leaves no empty run
-        problems = load_problems(args.data)
-    except DataError as e:
-        raise SystemExit(f"[reheat_tsopsd] {e}")
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    max_prompt = max(len(tokenizer(render_prompt(p, tokenizer, args.prompt_style)).input_ids) for p in problems)
-    max_positions = check_context_length(ckpt, max_prompt, args.max_response_len)   # before any weights load
+    info, ckpt, problems, tokenizer, max_prompt, max_positions = setup(args)
     config = dataclasses.asdict(args) | {"ckpt_path": ckpt, "world_size": info.world_size}
     if args.resume:                                     # same directory; a changed config is written beside
         config["run_name"] = os.path.basename(os.path.normpath(args.resume))
@@ -347,10 +347,7 @@ def main(argv=None):
               name="reheat_tsopsd", hint=oom_hint(args.micro_batch_tokens, longest, args.activation_checkpointing, info))
 
     # ------------------------------------------------------------------------- rollout engine
-    engine = make_engine(args.rollout_engine, model=student, model_path=ckpt, tokenizer=tokenizer, info=info,
-                         max_model_len=min(max_prompt + args.max_response_len + 8, max_positions or 1 << 30), seed=args.seed,
-                         hf_batch_size=args.hf_batch_size, vllm_gpu_memory=args.vllm_gpu_memory,
-                         vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp, vllm_sleep=args.vllm_sleep)
+    engine = rollout_engine(args, student, ckpt, tokenizer, info, max_prompt, max_positions, sleep=args.vllm_sleep)
     torch.set_float32_matmul_precision("high")         # TF32 for fp32 matmuls; after vLLM, which resets it
     if args.resume:
         engine.sync_weights(student)

@@ -53,7 +53,7 @@ from common.preflight import materialize_optimizer_state, oom_hint, preflight, p
 from common.losses import chunked_logprob_entropy, entropy_from_hidden
 from common.rollout import make_engine
 from common.runlog import MetricsLogger, make_run_dir, warn_logprob_mismatch
-from common.select import global_mean, global_quantile, global_top_k, token_ids, uniform_keys
+from common.select import global_quantile, global_top_k, token_ids, uniform_keys
 from common.stats import distinct_count
 from common.tally import Tally
 
@@ -531,7 +531,7 @@ def main(argv=None):
             sizes = [batch.n_resp[i] for i in part or []]
             n = sum(sizes)                                  # a dummy's one position is dropped here
             lp |= dict(zip(part or [], logp.float()[:n].split(sizes)))
-            ent |= dict(zip(part or [], e.float()[:n].cpu().split(sizes)))
+            ent |= dict(zip(part or [], e.float()[:n].split(sizes)))      # on the device: no sync per micro-batch
             sums += torch.stack([e[:n].sum(), e1[:n].sum()]).to(sums)
         return lp, ent, sums
 
@@ -550,9 +550,11 @@ def main(argv=None):
             adv = torch.tensor([advs[i] for i in idx for _ in range(batch.n_resp[i])], dtype=torch.float64)
             old = concat(old_lp, idx).double() if old_lp else lp
             _, c_hi, c_lo, dual = dapo_token_loss(lp, old, adv, args.eps_low, args.eps_high, args.dual_clip)
-            cov = covariance(adv, lp, global_mean(adv.sum(), len(adv)), global_mean(lp.sum(), len(lp)))
-            picked = cov_pick(args.policy_loss, cov, token_ids(idx, batch.n_resp, batch.token_offsets()),
-                              uniform_keys(idx, batch.n_resp, derive_seed(args.seed, step, mb, 3)),
+            sums = all_reduce([adv.sum().item(), lp.sum().item(), len(adv)])     # the means over all ranks
+            cov = covariance(adv, lp, sums[0].item() / max(sums[2].item(), 1), sums[1].item() / max(sums[2].item(), 1))
+            keys = uniform_keys(idx, batch.n_resp, derive_seed(args.seed, step, mb, 3)) \
+                if args.policy_loss == "clip_cov" else None                       # KL-Cov draws nothing
+            picked = cov_pick(args.policy_loss, cov, token_ids(idx, batch.n_resp, batch.token_offsets()), keys,
                               c_hi | c_lo | dual, sum(batch.n_resp[i] for i in batch.mini(mb)), args.cov_ratio,
                               args.clip_cov_lb, args.clip_cov_ub)
         split = lambda mask: dict(zip(idx, mask.split(sizes))) if mask is not None else None    # noqa: E731
@@ -580,7 +582,7 @@ def main(argv=None):
             picked, keep = choose_tokens(batch, mb, advs, old_lp, old_ent, step) if selecting else (None, None)
             coef = bonus_coef()
             applied.append(coef)
-            window = Tally(info.device)                       # this update's entropy, for the adaptive control
+            window = Tally(info.device) if args.entropy_target is not None else None   # for the adaptive control
             optimizer.zero_grad(set_to_none=True)
             for part in batch.plan[mb]:
                 idx, real = part or [], float(part is not None)   # a dummy adds 0 to the loss and the stats
@@ -613,7 +615,8 @@ def main(argv=None):
                         tally.add(entropy=ent.sum() * real, entropy_t1=ent1.sum() * real)
                     if first and real:
                         tally.max(diff_max=diff.max())
-                    window.add(entropy=(ent * kept_tok).sum() * real, tokens=kept_tok.sum() * real)
+                    if window is not None:
+                        window.add(entropy=(ent * kept_tok).sum() * real, tokens=kept_tok.sum() * real)
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
             if args.entropy_target is not None:

@@ -9,7 +9,6 @@ id (its sequence's index in the step's batch and its position in the response), 
 however the sequences were dealt to ranks and micro-batches. Ties are broken by the global id.
 
     token_ids(idx, n_resp, offsets)   the global ids of a rank's tokens, in its sequences' order
-    global_mean(values, count)        a token mean over all ranks
     global_top_k(scores, ids, k)      bool mask of this rank's tokens among the k largest scores of all ranks
     global_quantile(values, q)        the q-quantile (linear interpolation, as torch.quantile) of all ranks' values
 
@@ -18,7 +17,7 @@ the quantile gathers the values themselves (one float per token of the mini-batc
 """
 import torch
 
-from common.dist import all_gather_objects, all_reduce
+from common.dist import all_gather_objects
 
 
 def token_ids(idx: list[int], n_resp: list[int], offsets: list[int]) -> torch.Tensor:
@@ -26,12 +25,6 @@ def token_ids(idx: list[int], n_resp: list[int], offsets: list[int]) -> torch.Te
     if not idx:
         return torch.zeros(0, dtype=torch.long)
     return torch.cat([torch.arange(n_resp[i], dtype=torch.long) + offsets[i] for i in idx])
-
-
-def global_mean(total, count) -> float:
-    """sum over ranks of `total` / sum over ranks of `count`."""
-    t = all_reduce([float(total), float(count)])
-    return t[0].item() / max(t[1].item(), 1)
 
 
 def _order(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -35,37 +35,43 @@ class Tally:
         numbers another rank already counts, e.g. the other ranks of one vLLM tensor-parallel replica)."""
         self.device = device if device is not None else torch.device("cpu")
         self.weight = weight
-        self._sum: dict[str, torch.Tensor] = {}
-        self._max: dict[str, torch.Tensor] = {}
-
-    def _acc(self, store: dict, name: str, value, op):
-        v = torch.as_tensor(value).to(self.device, torch.float64).reshape(())
-        store[name] = v if name not in store else op(store[name], v)
+        self._sum: dict = {}           # name -> float or float64 0-d tensor
+        self._max: dict = {}
 
     def add(self, **values):
-        """Add each value to its running sum (numbers, or 0-d tensors kept on the device)."""
+        """Add each value to its running sum: Python numbers stay Python numbers (no tensor op per call), 0-d
+        tensors stay on their device (no host sync)."""
         for k, v in values.items():
-            self._acc(self._sum, k, torch.as_tensor(v, dtype=torch.float64) * self.weight, torch.add)
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device, torch.float64)    # summed in float64, whatever the value's dtype
+            v = v * self.weight
+            self._sum[k] = self._sum[k] + v if k in self._sum else v
 
     def max(self, **values):
         """Keep each name's running maximum."""
         for k, v in values.items():
-            self._acc(self._max, k, v, torch.maximum)
+            if k not in self._max:
+                self._max[k] = v
+            elif isinstance(v, torch.Tensor) or isinstance(self._max[k], torch.Tensor):
+                self._max[k] = torch.maximum(torch.as_tensor(self._max[k], dtype=torch.float64, device=self.device),
+                                             torch.as_tensor(v, dtype=torch.float64, device=self.device))
+            else:
+                self._max[k] = max(self._max[k], v)
 
-    def local(self, name: str) -> float:
-        """This rank's running value (sum or max) of one name, unreduced."""
-        return float((self._sum.get(name) if name in self._sum else self._max[name]).item())
+    def _stack(self, store: dict, names: list) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(store[k], dtype=torch.float64, device=self.device).reshape(())
+                            for k in names]).cpu()
 
     def reduce(self) -> Totals:
-        """{name: total over ranks}: sums summed, maxima maxed; one collective each (and one for the names)."""
+        """{name: total over ranks}: sums summed, maxima maxed; two collectives, the second also checking that
+        every rank added the same names (a signature and its negative ride along with the maxima)."""
         names_sum, names_max = sorted(self._sum), sorted(self._max)
-        sig = zlib.crc32(repr((names_sum, names_max)).encode())
-        agree = all_reduce([sig, -sig], "max")                  # max(sig) == -max(-sig) iff every rank has sig
-        if agree[0].item() != -agree[1].item():
+        sig = float(zlib.crc32(repr((names_sum, names_max)).encode()))
+        sums = all_reduce(self._stack(self._sum, names_sum)) if names_sum else torch.zeros(0)
+        maxes = all_reduce(torch.cat([self._stack(self._max, names_max) if names_max else torch.zeros(0, dtype=torch.float64),
+                                      torch.tensor([sig, -sig], dtype=torch.float64)]), "max")
+        if maxes[-2].item() != -maxes[-1].item():                # max(sig) == -max(-sig) iff every rank has sig
             raise RuntimeError(f"Tally.reduce: the ranks added different names (this rank: {names_sum} {names_max})")
-        out = Totals()
-        if names_sum:
-            out.update(zip(names_sum, all_reduce(torch.stack([self._sum[k] for k in names_sum]).cpu()).tolist()))
-        if names_max:
-            out.update(zip(names_max, all_reduce(torch.stack([self._max[k] for k in names_max]).cpu(), "max").tolist()))
+        out = Totals(zip(names_sum, sums.tolist()))
+        out.update(zip(names_max, maxes[:-2].tolist()))
         return out
