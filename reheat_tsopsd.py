@@ -29,8 +29,8 @@ Choices the paper leaves open, and our defaults:
     torchrun --nproc_per_node=8 reheat_tsopsd.py --ckpt COLLAPSED --tau 1.5
     python reheat_tsopsd.py --ckpt COLLAPSED --tau 1.5 --closed-form --out runs/closed_form
 
-Logged metrics (metrics.jsonl; README.md#metrics): reheat/student_entropy, reheat/teacher_entropy,
-reheat/divergence, reheat/top1_agree, rollout/accuracy, rollout/distinct_answers, rollout/response_len_mean,
+Logged metrics (metrics.jsonl; README.md#metrics): reheat/student_entropy, reheat/stop_entropy,
+reheat/teacher_entropy, reheat/divergence, reheat/top1_agree, rollout/accuracy, rollout/distinct_answers, rollout/response_len_mean,
 train/grad_norm, train/lr, time/*.
 """
 import dataclasses
@@ -73,6 +73,11 @@ class Args:
     steps: int = arg(50, "reheat steps at most", group="method")
     target_entropy: float | None = arg(None, "stop once the student's mean token entropy at T=1 on its rollouts reaches "
                                        "this (nats); None: run all steps", group="method")
+    target_window: int = arg(1, "--target-entropy is reached when the mean of the last this-many steps' "
+                             "reheat/student_entropy is (after at least that many steps; logged as "
+                             "reheat/stop_entropy). 1: the last step's. A small batch's entropy is noisy and, rising "
+                             "slowly, first crosses the target on an upward blip: a window of a few steps stops where "
+                             "the entropy itself is (the demo: 16 prompts a step, window 5)", group="method")
     closed_form: bool = arg(False, "write the exact tau-tempered checkpoint (final norm / tau) to --out and exit", group="method")
     calibrate_tau: bool = arg(False, "choose tau instead of taking --tau: the tau at which the starting model's mean "
                               "token entropy of softmax(z / tau), at the response positions of one batch of its own "
@@ -86,6 +91,11 @@ class Args:
     calibrate_tokens: int = arg(4096, "response tokens per rank kept (evenly spaced over the batch) for "
                                 "--calibrate-tau: each bisection step is one lm_head pass over them (Qwen3-8B: 4096 x "
                                 "151936 x 4096 x 2 FLOP ~ 5e15), ~15 per round", group="method")
+    teacher_entropy: float | None = arg(None, "with --calibrate-tau: the entropy the teacher's tau is calibrated to "
+                                        "(default: --target-entropy). The student approaches its teacher's entropy "
+                                        "from below and, in the demo, levels off short of it; a hotter teacher "
+                                        "(e.g. 2x --target-entropy) makes it cross --target-entropy in tens of "
+                                        "steps, as the paper's tau 1.5 does with a fixed budget", group="method")
     # data and rollout
     data: str = arg("dapo17k", "prompts: a name from common/data.py or a .jsonl/.parquet file", group="data and rollout")
     prompt_style: str = arg("dapo_chat", "dapo_chat, dapo_raw, or plain (see rl_dapo.py)", group="data and rollout",
@@ -147,8 +157,13 @@ def check_args(a: Args):
         raise SystemExit(f"--micro-batch-tokens must be positive, got {a.micro_batch_tokens}")
     if a.calibrate_rounds < 1 or a.calibrate_tokens < 1:
         raise SystemExit("--calibrate-rounds and --calibrate-tokens must be >= 1")
-    if a.calibrate_tau and (a.target_entropy is None or a.target_entropy <= 0):
-        raise SystemExit("--calibrate-tau needs --target-entropy H > 0 (nats): the entropy tau is chosen to give")
+    if a.calibrate_tau and not (calibration_entropy(a) or 0) > 0:
+        raise SystemExit("--calibrate-tau needs --target-entropy H > 0 (nats), or --teacher-entropy: the entropy tau "
+                         "is chosen to give")
+    if a.teacher_entropy is not None and not a.calibrate_tau:
+        raise SystemExit("--teacher-entropy needs --calibrate-tau (it is the entropy tau is calibrated to)")
+    if a.target_window < 1:
+        raise SystemExit(f"--target-window must be >= 1, got {a.target_window}")
     if a.tau == 1.0 and a.teacher == "frozen" and not a.closed_form and not a.calibrate_tau:
         raise SystemExit("--tau 1 with a frozen teacher: the student already equals its teacher, so the objective is "
                          "at its minimum (0) and nothing would change. Use tau > 1 to reheat (or < 1 to sharpen).")
@@ -181,10 +196,15 @@ def closed_form_reheat(ckpt: str, tau: float, out: str, provenance: dict | None 
     return out
 
 
+def calibration_entropy(args) -> float | None:
+    """The entropy --calibrate-tau calibrates tau to: --teacher-entropy, else --target-entropy."""
+    return args.teacher_entropy if args.teacher_entropy is not None else args.target_entropy
+
+
 def calibrated_tau(model, engine, problems, tokenizer, args, info) -> float:
     """--calibrate-tau: one batch of the starting model's own samples (the first step's prompts and seeds), its final
     hidden states at the response positions (at most --calibrate-tokens per rank, evenly spaced), and the tau at which
-    the mean entropy of softmax(z / tau) over them is --target-entropy (common/calibrate.py). Round 1 samples at T=1;
+    the mean entropy of softmax(z / tau) over them is calibration_entropy(args) (common/calibrate.py). Round 1 samples at T=1;
     each further round (--calibrate-rounds) samples at the tau found so far, so that the positions are those the
     tempered model itself visits: the fixed point is a tau whose own samples have entropy H."""
     batch = cycle_problems(problems, args.seed, 0, args.prompts_per_step)[engine.dp_rank::engine.dp_size]
@@ -217,11 +237,11 @@ def calibrated_tau(model, engine, problems, tokenizer, args, info) -> float:
         entropy_at = tempered_entropy(hiddens, weight, chunk_size=args.chunk_size)
         sampled_at = tau
         try:
-            tau = solve_tau(entropy_at, args.target_entropy, rel_tol=1e-3)
+            tau = solve_tau(entropy_at, calibration_entropy(args), rel_tol=1e-3)
         except ValueError as e:
             raise SystemExit(f"[reheat_tsopsd] --calibrate-tau: {e}")
         print0(f"[reheat_tsopsd] --calibrate-tau round {round_ + 1}: samples at T={sampled_at:.4f} have entropy "
-               f"{entropy_at(sampled_at):.4f}; {args.target_entropy} at tau {tau:.4f}")
+               f"{entropy_at(sampled_at):.4f}; {calibration_entropy(args)} at tau {tau:.4f}")
     del hiddens, weight
     engine.sync_weights(model)                          # awake for the first step (vLLM slept after sampling)
     return tau
@@ -261,7 +281,7 @@ def calibrated_closed_form(args):
     engine = rollout_engine(args, model, ckpt, tokenizer, info, max_prompt, max_positions, sleep=False)
     tau = calibrated_tau(model, engine, problems, tokenizer, args, info)
     if info.is_main:
-        closed_form_reheat(ckpt, tau, args.out, {"calibrated": {"target_entropy": args.target_entropy,
+        closed_form_reheat(ckpt, tau, args.out, {"calibrated": {"target_entropy": calibration_entropy(args),
                                                                 "data": args.data, "seed": args.seed}})
     engine.close()
     cleanup_distributed()
@@ -301,10 +321,12 @@ def main(argv=None):
         compute_dtype = torch.bfloat16 if use_bf16(info, args.bf16) else torch.float32      # cast once, then gathered
         teacher_weight = next(t for name, t in full_params(teacher, dtype=compute_dtype, names={head_name})).to(info.device)
     optimizer = make_optimizer(student, lr=args.lr, weight_decay=args.weight_decay)
-    start_step, cursor, entropy = 0, 0, None            # entropy: the last step's reheat/student_entropy
+    start_step, cursor, entropies = 0, 0, []            # entropies: the last --target-window steps' student entropy
     if args.resume:
         state = load_checkpoint(latest_checkpoint(args.resume), student, optimizer)
-        start_step, cursor, entropy = state["step"], state["cursor"], state.get("student_entropy")
+        start_step, cursor = state["step"], state["cursor"]
+        entropies = state.get("entropies", [state["student_entropy"]] if state.get("student_entropy") is not None
+                                                       else [])
         args.tau = state.get("tau", args.tau)           # a calibrated tau is part of the run's state
     logger = MetricsLogger(run_dir, enabled=info.is_main, wandb_project=args.wandb_project or None,
                            tensorboard=args.tensorboard)
@@ -357,14 +379,20 @@ def main(argv=None):
            f"world={info.world_size} problems={len(problems)}")
 
     # ------------------------------------------------------------------------- loop
-    def target_reached(entropy) -> bool:
+    def stop_entropy(entropies) -> float | None:
+        """The mean of the last --target-window steps' student entropy (None before that many steps)."""
+        window = entropies[-args.target_window:]
+        return sum(window) / len(window) if len(window) == args.target_window else None
+
+    def target_reached(entropies) -> bool:
         """--target-entropy reached by the student's mean token entropy on its own rollouts (of the policy that
-        sampled them, before that step's update)."""
-        return args.target_entropy is not None and entropy is not None and entropy >= args.target_entropy
+        sampled them, before that step's update), averaged over the last --target-window steps."""
+        e = stop_entropy(entropies)
+        return args.target_entropy is not None and e is not None and e >= args.target_entropy
 
     # resuming a run that stopped on the target (re-checked against this run's --target-entropy) or at --steps:
     # nothing to do, save as is
-    end_step = start_step if target_reached(entropy) else args.steps
+    end_step = start_step if target_reached(entropies) else args.steps
     pbar = tqdm(range(start_step, end_step), initial=start_step, total=args.steps, disable=not info.is_main,
                 desc="reheat", dynamic_ncols=True)
     step = start_step - 1
@@ -437,21 +465,26 @@ def main(argv=None):
               "rollout/distinct_answers": tot[6].item() / max(tot[7].item(), 1),
               "rollout/response_len_mean": tot[8].item() / max(tot[5].item(), 1),
               "train/grad_norm": gn.item(), "train/tokens": n_tok_global, "time/step": time.time() - t_step}
+        entropies = (entropies + [m["reheat/student_entropy"]])[-max(args.target_window, 1):]
+        if stop_entropy(entropies) is not None:
+            m["reheat/stop_entropy"] = stop_entropy(entropies)
         logger.log(step + 1, m)
         pbar.set_postfix(ent=f"{m['reheat/student_entropy']:.3f}", kl=f"{m['reheat/divergence']:.4f}",
                          acc=f"{m['rollout/accuracy']:.3f}")
-        done, entropy = step + 1, m["reheat/student_entropy"]
+        done = step + 1
         if args.save_every and done % args.save_every == 0 and done < args.steps:
             save_checkpoint(run_dir, done, student, tokenizer, optimizer,
-                            {"step": done, "cursor": cursor, "student_entropy": entropy, "tau": args.tau},
-                            keep_last=args.keep_last, dtype=export_dtype)
-        if target_reached(entropy):
-            print0(f"[reheat_tsopsd] student entropy {entropy:.4f} >= target {args.target_entropy}: stopping")
+                            {"step": done, "cursor": cursor, "student_entropy": entropies[-1], "entropies": entropies,
+                             "tau": args.tau}, keep_last=args.keep_last, dtype=export_dtype)
+        if target_reached(entropies):
+            print0(f"[reheat_tsopsd] student entropy {stop_entropy(entropies):.4f} (mean of the last "
+                   f"{args.target_window} steps) >= target {args.target_entropy}: stopping")
             break
 
     # ------------------------------------------------------------------------- save
     save_checkpoint(run_dir, step + 1, student, tokenizer, optimizer,
-                    {"step": step + 1, "cursor": cursor, "student_entropy": entropy, "tau": args.tau},
+                    {"step": step + 1, "cursor": cursor, "student_entropy": entropies[-1] if entropies else None,
+                     "entropies": entropies, "tau": args.tau},
                     keep_last=args.keep_last, dtype=export_dtype)
     final = os.path.join(run_dir, "final")
     save_hf(final, student, tokenizer, dtype=export_dtype)

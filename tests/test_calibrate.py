@@ -78,7 +78,7 @@ def test_reheat_calibrates_tau_on_its_own_samples(tmp_path):
     """reheat_tsopsd.main --closed-form --calibrate-tau, in this process: on the very samples it drew (recorded from
     its own engine), the mean entropy of softmax(z / tau) at the tau it wrote is the target (float64, transformers);
     the closed form divides the final norm by that tau; a reheat run with the same seed and data finds the same tau
-    and logs it every step."""
+    and logs it every step; so does one given the target as --teacher-entropy (and another --target-entropy)."""
     import json
     import os
     import reheat_tsopsd
@@ -101,3 +101,9 @@ def test_reheat_calibrates_tau_on_its_own_samples(tmp_path):
     torch.testing.assert_close(after["model.norm.weight"], before["model.norm.weight"] / tau)
     run_in_process(reheat_tsopsd, [*common, "--steps", 2, "--lr", 1e-4, "--out", tmp_path, "--run-name", "r"])
     assert [r["reheat/tau"] for r in metrics(tmp_path / "r")] == pytest.approx([tau, tau], rel=1e-9)
+    # --teacher-entropy: tau calibrated to it, not to --target-entropy (the stop; here under the start's, so 1 step)
+    other = [str(x) for x in common]
+    other[other.index("--target-entropy") + 1] = "0.01"
+    run_in_process(reheat_tsopsd, [*other, "--teacher-entropy", 0.3, "--steps", 2, "--lr", 1e-4, "--out", tmp_path,
+                                   "--run-name", "t"])
+    assert [r["reheat/tau"] for r in metrics(tmp_path / "t")] == pytest.approx([tau], rel=1e-9)

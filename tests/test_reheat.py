@@ -230,6 +230,30 @@ def test_target_entropy_stops_the_run_and_its_resume(reheat_up, tiny_warm, tmp_p
 
 
 @pytest.mark.slow
+def test_target_window_stops_on_the_mean_of_the_last_steps_and_resumes_with_it(reheat_up, tiny_warm, tmp_path):
+    """--target-window 2: the stop compares the mean of the last two steps' student entropy with the target.
+    (a) A target between that mean and step 2's entropy stops a window-1 run at step 2; with the window the run goes
+    on to step 3, and step 2 logs the mean as reheat/stop_entropy. (b) A target just under the mean stops at step 2;
+    its resume restores both entropies (not only the last: a window of one would not be full) and trains nothing."""
+    e1, e2 = [r["reheat/student_entropy"] for r in metrics(reheat_up)]
+    assert e2 > e1
+    mean = (e1 + e2) / 2
+    args = lambda name, target, steps: reheat_args(tiny_warm["model"], tiny_warm["train"], str(tmp_path), name,  # noqa: E731
+                                                   "--tau", 2, "--target-window", 2, "--target-entropy", target,
+                                                   "--save-every", 1, steps=steps)
+    run_in_process(reheat_tsopsd, args("a", (mean + e2) / 2, 3))
+    rows = metrics(os.path.join(tmp_path, "a"))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert_rows_match(metrics(reheat_up), rows[:2], keys=COMPARED, rel=1e-6)
+    assert "reheat/stop_entropy" not in rows[0] and rows[1]["reheat/stop_entropy"] == pytest.approx(mean, rel=1e-12)
+    run = os.path.join(tmp_path, "b")
+    run_in_process(reheat_tsopsd, args("b", mean * (1 - 1e-6), 4))
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+    assert run_in_process(reheat_tsopsd, ["--resume", run]) == []           # nothing sampled
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+
+
+@pytest.mark.slow
 def test_the_seed_changes_the_run_and_the_stream_advances(reheat_up, tiny_warm, tmp_path):
     """reheat_up's two steps drew the data stream's first 8 problems in order (the cursor advances); with --seed 1
     step 1 draws other problems with other sampling seeds, samples otherwise and logs another step."""
@@ -258,6 +282,8 @@ def test_the_seed_changes_the_run_and_the_stream_advances(reheat_up, tiny_warm, 
     ("missing_ckpt_closed_form", "checkpoint not found"),
     ("tau_1_frozen", "--tau 1 with a frozen teacher"),
     ("missing_data", "data file not found"),
+    ("target_window_0", "--target-window must be >= 1"),
+    ("teacher_entropy_alone", "--teacher-entropy needs --calibrate-tau"),
 ])
 def test_bad_input_fails_before_compute(case, message, tiny, tmp_path, capsys):
     out = tmp_path / "runs"
@@ -267,7 +293,9 @@ def test_bad_input_fails_before_compute(case, message, tiny, tmp_path, capsys):
             "missing_ckpt": ["--ckpt", str(tmp_path / "no_such_ckpt"), "--data", tiny["train"]],
             "missing_ckpt_closed_form": ["--ckpt", str(tmp_path / "no_such_ckpt"), "--closed-form"],
             "tau_1_frozen": ok + ["--tau", "1", "--teacher", "frozen"],
-            "missing_data": ["--ckpt", tiny["model"], "--data", str(tmp_path / "missing.jsonl")]}[case]
+            "missing_data": ["--ckpt", tiny["model"], "--data", str(tmp_path / "missing.jsonl")],
+            "target_window_0": ok + ["--target-entropy", "0.5", "--target-window", "0"],
+            "teacher_entropy_alone": ok + ["--teacher-entropy", "0.5"]}[case]
     with pytest.raises(SystemExit) as e:
         reheat_tsopsd.main(args + ["--prompt-style", "plain", "--out", str(out)])
     assert e.value.code not in (0, None)
