@@ -15,13 +15,16 @@ that was supervised on noisy worked arithmetic (assets/tiny_math: `python -m com
                   plain      continued DAPO
                   hot        continued DAPO sampling at the temperature tau(H) (the paper's baseline): the tau at
                              which the collapsed model's own samples have entropy H (reheat_tsopsd --calibrate-tau)
-                  tsopsd     reheat_tsopsd.py to H (teacher at tau(H), frozen; forward KL at lr 5e-4; stops at H,
-                             at most 100 steps), then continued DAPO
+                  tsopsd     reheat_tsopsd.py to H (frozen teacher at tau(1.5 H): a student approaches its
+                             teacher's entropy from below and levels off short of it; forward KL at lr 5e-4; stops
+                             when the mean of its last 5 steps' entropy reaches H, at most 100 steps), then
+                             continued DAPO
                   closed     the closed-form reheat at tau(H) (final norm / tau), then continued DAPO; sampling it
                              at T=1 is sampling the collapsed model at T=tau(H): the hot arm's starting law
                   bonus      continued DAPO with the adaptive entropy bonus aiming at H (rl_dapo --entropy-target)
-                and, for the displacement analysis, a sharpening distillation at 1/tau(H) for as many steps as the
-                reheat took (evaluate.py --displacement)
+                and, for the displacement analysis, a sharpening distillation at 1/tau for as many steps as the
+                reheat took (evaluate.py --displacement). With --sweep, a dose-response: TS-OPSD (reverse and
+                forward KL) and the closed form to 0.5 H, H and 2 H, each followed by the same continued DAPO
   3. evaluate   evaluate.py on the held-out problems for every checkpoint (avg@k, pass@k, and each one's own
                 token entropy at T=1), the start and collapsed models' entropy on the training problems, the
                 analyses of collapsed vs reheated (entropy, effective temperature, top-k overlap, hidden-state
@@ -30,7 +33,8 @@ that was supervised on noisy worked arithmetic (assets/tiny_math: `python -m com
                 the arms' table and tests, every number read from the runs' own outputs; plots in OUT/eval/plots
 
     python demo.py                      # ~10 minutes on 2 CPU cores, 1 seed
-    python demo.py --seeds 3            # three seeds per arm (~16 minutes): mean and 95% CI, seed-aware tests
+    python demo.py --seeds 3            # three seeds per arm (~12 minutes): mean and 95% CI, seed-aware tests
+    python demo.py --seeds 3 --sweep    # and the dose-response (~30 minutes)
     python demo.py --quick              # a few steps of everything (what CI runs)
 
 Learning rates are 50-250x the paper's 2e-6: the tiny model needs them to move in hundreds of steps. What a toy
@@ -50,6 +54,8 @@ from common.runlog import read_metrics
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ARMS = ("plain", "hot", "tsopsd", "closed", "bonus")
+SWEEP = ("tsopsd_reverse_kl", "tsopsd_forward_kl", "closed")      # --sweep: methods x multiples of H
+SWEEP_FACTORS = (0.5, 1.0, 2.0)
 SPLITS = {"easy": "two operands, both <= 20", "two_term": "two operands", "all": "every problem"}
 
 
@@ -80,6 +86,17 @@ class Args:
                              "updates of 30 collapsed steps: bench/results/remedies_probe.json)")
     lr: float = arg(1e-4, "DAPO learning rate of the arms (50x the paper's 2e-6: a 640k-parameter model needs it)")
     reheat_lr: float = arg(5e-4, "TS-OPSD learning rate (at 3e-4 forward KL was short of H after 40 steps)")
+    teacher_factor: float = arg(1.5, "the TS-OPSD teacher's tau is calibrated to this multiple of the reheat's target "
+                                "entropy (reheat_tsopsd --teacher-entropy): with the teacher at the target itself the "
+                                "student levelled off at ~0.75 of it in 100 steps; at 1.5x it stops in ~30 steps within "
+                                "10% of it, at 2x it overshot by 40% (measured from the 3-seed run's collapse)")
+    target_window: int = arg(5, "TS-OPSD stops when the mean of its last this-many steps' entropy reaches the target "
+                             "(reheat_tsopsd --target-window): one step's 16 prompts first cross it on a blip (the "
+                             "3-seed run with a window of 1 stopped 15-30% short)")
+    sweep: bool = arg(False, "also the dose-response: TS-OPSD with reverse and with forward KL, and the closed form, "
+                      "reheated to 0.5, 1 and 2 x H, each followed by the arms' continued DAPO (the 1 x H forward-KL "
+                      "run of --divergence and the closed form's are the tsopsd and closed arms); a table, tests between TS-OPSD and the "
+                      "closed form at each target, and a figure of continued-RL accuracy against start entropy")
     group_size: int = arg(8, "samples per prompt")
     prompts_per_step: int = arg(16, "groups per DAPO step")
     max_response_len: int = arg(64, "max tokens per response")
@@ -110,6 +127,18 @@ def run(cmd: list[str], log: str, threads: int | None = None):
             raise SystemExit(f"stage failed (exit {proc.returncode}): see {log}")
     if threads is not None:
         print(f"[demo] done {os.path.basename(log)[:-4]} in {time.time() - t0:.0f} s", flush=True)
+
+
+def cached(run_dir: str, cmd: list[str]) -> bool:
+    """A stage is reused when its run finished (final/ exists) with the very same command (demo_command.json, written
+    when it finished): a demo re-run with other flags redoes the stages they change."""
+    path = os.path.join(run_dir, "demo_command.json")
+    return os.path.isdir(os.path.join(run_dir, "final")) and os.path.isfile(path) and json.load(open(path)) == cmd
+
+
+def record(run_dir: str, cmd: list[str]):
+    with open(os.path.join(run_dir, "demo_command.json"), "w") as f:
+        json.dump(cmd, f)
 
 
 def training_split(train: str, split: str, path: str) -> str:
@@ -163,32 +192,54 @@ def main(argv=None):
 
     def rl(name, model, steps, seed, lr, warmup, val_every, extra=(), threads=None):
         run_dir = os.path.join(runs, name)
-        if not os.path.isdir(os.path.join(run_dir, "final")):
+        cmd = [py, "rl_dapo.py", "--model", model, "--steps", str(steps), "--seed", str(seed), "--run-name", name,
+               "--lr", str(lr), "--warmup-steps", str(warmup), "--val-every", str(val_every), *common_rl, *extra]
+        if not cached(run_dir, cmd):
             shutil.rmtree(run_dir, ignore_errors=True)
             t0 = time.time()
-            run([py, "rl_dapo.py", "--model", model, "--steps", str(steps), "--seed", str(seed), "--run-name", name,
-                 "--lr", str(lr), "--warmup-steps", str(warmup), "--val-every", str(val_every), *common_rl, *extra],
-                os.path.join(logs, name + ".log"), threads)
+            run(cmd, os.path.join(logs, name + ".log"), threads)
+            record(run_dir, cmd)
             timings[name] = time.time() - t0
         return run_dir
 
     def arm(name, model, seed, extra=()):
         return rl(name, model, args.arm_steps, seed, args.lr, 1, max(args.arm_steps // 6, 1), extra, threads)
 
-    def reheat(seed, name, extra):
+    def reheat(seed, name, extra, divergence=args.divergence):
         reheat_dir = os.path.join(runs, name)
-        if not os.path.isdir(os.path.join(reheat_dir, "final")):
+        cmd = [py, "reheat_tsopsd.py", "--ckpt", collapsed, "--data", train, "--prompt-style", "plain",
+               "--rollout-engine", args.engine, "--group-size", str(args.group_size),
+               "--prompts-per-step", str(args.prompts_per_step), "--max-response-len", str(args.max_response_len),
+               "--lr", str(args.reheat_lr), "--seed", str(seed), "--divergence", divergence,
+               "--micro-batch-tokens", "512", "--no-compile", "--grade-workers", "0", "--save-every", "0",
+               "--out", runs, "--run-name", name, *extra] + (["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else [])
+        if not cached(reheat_dir, cmd):
             shutil.rmtree(reheat_dir, ignore_errors=True)
             t0 = time.time()
-            run([py, "reheat_tsopsd.py", "--ckpt", collapsed, "--data", train, "--prompt-style", "plain",
-                 "--rollout-engine", args.engine, "--group-size", str(args.group_size),
-                 "--prompts-per-step", str(args.prompts_per_step), "--max-response-len", str(args.max_response_len),
-                 "--lr", str(args.reheat_lr), "--seed", str(seed), "--divergence", args.divergence,
-                 "--micro-batch-tokens", "512", "--no-compile", "--grade-workers", "0", "--out", runs,
-                 "--run-name", name, *extra] + (["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else []),
-                os.path.join(logs, f"{name}.log"), threads)
+            run(cmd, os.path.join(logs, f"{name}.log"), threads)
+            record(reheat_dir, cmd)
             timings[name] = time.time() - t0
         return os.path.join(reheat_dir, "final")
+
+    def to_target(h):
+        """reheat_tsopsd's flags for a reheat to entropy h: teacher calibrated to --teacher-factor x h, the stop on
+        the mean of the last --target-window steps, at most --reheat-steps steps."""
+        return ["--calibrate-tau", "--target-entropy", f"{h:.6g}", "--teacher-entropy", f"{args.teacher_factor * h:.6g}",
+                "--target-window", str(args.target_window), "--steps", str(args.reheat_steps)]
+
+    def closed_form(path, h):
+        """The closed form at tau(h) (reheat_tsopsd --closed-form --calibrate-tau), redone if made for another h."""
+        made = os.path.join(path, "closed_form.json")
+        if os.path.isfile(made) and json.load(open(made)).get("calibrated", {}).get("target_entropy") != float(f"{h:.6g}"):
+            shutil.rmtree(path)                         # calibrated for another target: redo
+        if not os.path.isdir(path):
+            run([py, "reheat_tsopsd.py", "--ckpt", collapsed, "--closed-form", "--calibrate-tau", "--target-entropy",
+                 f"{h:.6g}", "--data", train, "--prompt-style", "plain", "--rollout-engine", args.engine,
+                 "--group-size", str(args.group_size), "--prompts-per-step", str(args.prompts_per_step),
+                 "--max-response-len", str(args.max_response_len), "--no-compile", "--out", path]
+                + (["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else []),
+                os.path.join(logs, os.path.basename(path) + ".log"))
+        return path
 
     # ---- 1. collapse
     print(f"[demo] 1/4 collapse: DAPO from {args.model} for {args.collapse_steps} steps on {train}", flush=True)
@@ -210,21 +261,16 @@ def main(argv=None):
             os.path.join(logs, "evaluate_train.log"))
     evaluate_train({"start": args.model, "collapsed": collapsed})
     target = args.target_entropy or read_evals(eval_train)["start"]["macro"]["ent_t1"]
-    match = ["--calibrate-tau", "--target-entropy", f"{target:.6g}"]
     print(f"[demo] 2/4 arms matched to the start model's entropy on the training problems, H = {target:.4f}", flush=True)
-    closed = os.path.join(runs, "closed_form")
-    made = os.path.join(closed, "closed_form.json")
-    if os.path.isfile(made) and json.load(open(made)).get("calibrated", {}).get("target_entropy") != float(f"{target:.6g}"):
-        shutil.rmtree(closed)                           # calibrated for another target: redo
-    if not os.path.isdir(closed):
-        run([py, "reheat_tsopsd.py", "--ckpt", collapsed, "--closed-form", *match, "--data", train, "--prompt-style",
-             "plain", "--rollout-engine", args.engine, "--group-size", str(args.group_size), "--prompts-per-step",
-             str(args.prompts_per_step), "--max-response-len", str(args.max_response_len), "--no-compile", "--out",
-             closed] + (["--vllm-kv-cache-gib", "0.25"] if args.engine == "vllm" else []),
-            os.path.join(logs, "closed_form.log"))
+    closed = closed_form(os.path.join(runs, "closed_form"), target)
     tau = json.load(open(os.path.join(closed, "closed_form.json")))["tau"]
     arm_runs = {name: [None] * args.seeds for name in ARMS}
     reheated = {}
+    # --sweep: (method, multiple of H) -> the runs of every seed; the starting checkpoints; the closed forms
+    sweep = {(m, f): [None] * args.seeds for m in SWEEP for f in SWEEP_FACTORS} if args.sweep else {}
+    sweep_starts = {key: [None] * args.seeds for key in sweep}
+    closed_x = {f: closed if f == 1 else closed_form(os.path.join(runs, f"closed_form_x{f:g}"), f * target)
+                for f in (SWEEP_FACTORS if args.sweep else ())}
 
     def chain_a(seed):
         arm_runs["plain"][seed] = arm(f"plain_s{seed}", collapsed, seed)
@@ -233,18 +279,43 @@ def main(argv=None):
             "--entropy-target", f"{target:.6g}", "--entropy-coef-delta", str(args.bonus_delta)])
 
     def chain_b(seed):
-        reheated[seed] = reheat(seed, f"reheat_s{seed}", [*match, "--steps", str(args.reheat_steps)])
+        reheated[seed] = reheat(seed, f"reheat_s{seed}", to_target(target))
         arm_runs["tsopsd"][seed] = arm(f"tsopsd_s{seed}", reheated[seed], seed)
         arm_runs["closed"][seed] = arm(f"closed_s{seed}", closed, seed)
         if seed == 0:       # Delta_low: as many steps at 1/tau as the reheat took at tau (evaluate --displacement)
             rows = read_metrics(os.path.dirname(reheated[0]))
             reheat(0, "sharpen_s0", ["--tau", f"{1 / rows[-1]['reheat/tau']:.6g}", "--steps", str(len(rows))])
 
-    # two chains per seed, side by side (--jobs; plumbing only: every stage is the same command either way)
+    def sweep_point(seed, method, f):
+        """--sweep: one method reheated to f x H, then the arms' continued DAPO (the tsopsd / closed arm at 1 x H)."""
+        if method == "closed":
+            start = closed_x[f]
+            runs_ = arm_runs["closed"][seed] if f == 1 else arm(f"closed_x{f:g}_s{seed}", start, seed)
+        elif method == f"tsopsd_{args.divergence}" and f == 1:
+            start, runs_ = reheated[seed], arm_runs["tsopsd"][seed]
+        else:
+            div = method.split("_", 1)[1]
+            start = reheat(seed, f"reheat_{div}_x{f:g}_s{seed}", to_target(f * target), divergence=div)
+            runs_ = arm(f"{method}_x{f:g}_s{seed}", start, seed)
+        sweep_starts[method, f][seed], sweep[method, f][seed] = start, runs_
+
+    def chain_c(seed):
+        for f in SWEEP_FACTORS:
+            sweep_point(seed, "tsopsd_reverse_kl", f)
+
+    def chain_d(seed):
+        for method in ("tsopsd_forward_kl", "closed"):
+            for f in SWEEP_FACTORS:
+                sweep_point(seed, method, f)
+
+    # two chains per seed (four with --sweep), side by side (--jobs; plumbing only: every stage is the same
+    # command either way); the sweep's 1 x H points wait for the arms they reuse
     print(f"[demo] arms, {args.seeds} seed(s), {args.jobs} stage(s) at a time", flush=True)
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max(args.jobs, 1)) as pool:
         for job in [pool.submit(chain, seed) for seed in range(args.seeds) for chain in (chain_a, chain_b)]:
+            job.result()
+        for job in [pool.submit(chain, seed) for seed in range(args.seeds) for chain in (chain_c, chain_d) if sweep]:
             job.result()
     reheated = dict(sorted(reheated.items()))
 
@@ -266,13 +337,25 @@ def main(argv=None):
          "--benchmarks", f"heldout={test}", "--max-problems", str(args.eval_problems), *sampling,
          "--compare-problems", "64", "--compare-n", str(args.group_size), "--analysis-tokens", "2048",
          "--out", eval_dir], os.path.join(logs, "evaluate.log"))
-    evaluate_train({"start": args.model, "collapsed": collapsed, "closed_form": closed,
-                    **{f"reheated_s{s}": p for s, p in reheated.items()}})
+    starts = {"start": args.model, "collapsed": collapsed, "closed_form": closed,
+              **{f"reheated_s{s}": p for s, p in reheated.items()}}
+    for (method, f), paths in sweep_starts.items():         # --sweep: every other starting checkpoint, once
+        for seed, path in enumerate(paths):
+            if path not in starts.values():
+                starts[f"{method}_x{f:g}" + ("" if method == "closed" else f"_s{seed}")] = path
+    evaluate_train(starts)
+    eval_sweep = os.path.join(out, "eval_sweep")
+    if sweep:       # the sweep's continued-RL checkpoints with the plain arm: accuracy, tests between arms
+        sweep_arms = {"plain": arms["plain"]} | {f"{m}_x{f:g}": [os.path.join(d, "final") for d in sweep[m, f]]
+                                                 for f in SWEEP_FACTORS for m in SWEEP}
+        run([py, "evaluate.py", "--arms", *[f"{name}={','.join(paths)}" for name, paths in sweep_arms.items()],
+             "--benchmarks", f"heldout={test}", "--max-problems", str(args.eval_problems), *sampling,
+             "--out", eval_sweep], os.path.join(logs, "evaluate_sweep.log"))
     timings["evaluate"] = time.time() - t0
 
     # ---- 4. results
     write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, collapse, train, timings, target, tau,
-                  time.time() - t_start)
+                  time.time() - t_start, sweep and (sweep, sweep_starts, eval_sweep))
     if args.update_readme:
         update_readme(os.path.join(out, "results.md"), eval_dir)
     print(f"\n[demo] done in {(time.time() - t_start) / 60:.1f} min. Results: {os.path.join(out, 'results.md')}; "
@@ -299,7 +382,7 @@ def update_readme(results_md: str, eval_dir: str, readme: str = os.path.join(ROO
         f.write(head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1])
 
 
-FIGURES = ("runs_summary.png", "runs_entropy.png", "runs_accuracy.png", "runs_uniform_groups.png")
+FIGURES = ("runs_summary.png", "runs_entropy.png", "runs_accuracy.png", "runs_uniform_groups.png", "sweep.png")
 
 
 def label_of(ckpt_path: str, evals: dict) -> str:
@@ -352,7 +435,7 @@ def regime(collapse_dir: str, evals: dict, evals_train: dict, k: int, last: int 
 
 
 def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, collapse, train, timings, target, tau,
-                  seconds):
+                  seconds, sweep=None):
     """results.md: every number read from the runs' metrics.jsonl and evaluate.py's JSON, none typed in."""
     from common.runlog import read_metrics
     from common.stats import mean_ci
@@ -481,6 +564,9 @@ def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, co
                   f"| cos(Delta_low, Delta_high) (`cos_low_high`) | {d['cos_low_high']:.3f} | -0.878 |",
                   f"| reverse projection coefficient | {d['reverse_coef']:.3f} | 0.891 |",
                   f"| norm ratio ‖Delta_low‖ / ‖Delta_high‖ | {d['norm_ratio']:.3f} | - |"]
+    if sweep:
+        lines += sweep_section(args, *sweep, evals, evals_train, target, eval_dir, arm_runs["plain"],
+                               os.path.join(collapse, "final"))
     lines += ["", f"Everything else (per-benchmark tables, the tests between arms, the collapsed vs reheated "
               f"analyses: entropy, effective temperature, top-k overlap, per-layer similarity, diversity) is in "
               f"[eval/results.md](eval/results.md); every curve in eval/plots/ (runs_entropy.png, runs_accuracy.png, "
@@ -488,6 +574,111 @@ def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, co
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return rg
+
+
+def sweep_section(args, sweep, starts, eval_sweep, evals, evals_train, target, eval_dir, plain, collapsed) -> list[str]:
+    """results.md's dose-response: per method and multiple of H, the reheat (teacher tau, steps), the entropy at the
+    start of continued RL and the continued-RL held-out accuracy over seeds; the tests between TS-OPSD and the closed
+    form at each target; and the figure (eval/plots/sweep.png) of accuracy against start entropy, one line a method."""
+    import glob
+    from common.stats import mean_ci
+    k, evals_sweep = args.eval_k, read_evals(eval_sweep)
+
+    def stat(values):               # mean and 95% half-width over seeds (0 with one seed)
+        values = [v for v in values if v is not None]
+        if not values:
+            return None, 0.0
+        m, lo, hi = mean_ci(values)
+        return m, (0.0 if lo != lo else hi - m)
+
+    def fmt(values):
+        m, h = stat(values)
+        return "n/a" if m is None else f"{m:.3f}" + (f" ± {h:.3f}" if h else "")
+
+    def start_entropy(paths):       # a closed form is one checkpoint for every seed: counted once
+        return [evals_train.get(label_of(p, evals_train), {}).get("macro", {}).get("ent_t1") for p in dict.fromkeys(paths)]
+
+    def accuracy(dirs, key):
+        return [evals_sweep.get(label_of(os.path.join(d, "final"), evals_sweep), {}).get("macro", {}).get(key)
+                for d in dirs]
+
+    def reheat_of(path):            # the reheat run's metrics, or the closed form's record
+        if os.path.isfile(os.path.join(path, "closed_form.json")):
+            return json.load(open(os.path.join(path, "closed_form.json")))["tau"], None
+        rows = read_metrics(os.path.dirname(path))
+        return rows[-1]["reheat/tau"], len(rows)
+
+    points = {}                     # (method, f) -> start entropy, avg@k, pass@k: (mean, half-width) each
+    lines = ["", f"## 3. Dose-response: reheated to 0.5, 1 and 2 x H, then {args.arm_steps} continued-DAPO steps", "",
+             f"TS-OPSD with reverse KL (the script's default) and with forward KL (the demo's), both stopped at the "
+             f"target as the tsopsd arm is (teacher at tau({args.teacher_factor:g} x target), stop on the mean of "
+             f"{args.target_window} steps, at most {args.reheat_steps} steps), and the closed form at tau(target); "
+             f"each then continued as the arms are (the 1 x H {args.divergence} and closed-form rows are the tsopsd "
+             f"and closed arms of section 2). Start entropy: the starting checkpoint's token entropy at T=1 on its "
+             f"own samples of the {args.entropy_problems} training problems (as H). Held-out: {args.eval_problems} "
+             f"problems, k={k}, after the continued RL. Mean ± 95% t half-width over seeds.", "",
+             f"| method | target | teacher tau | reheat steps | start entropy | continued RL: held-out avg@{k} | "
+             f"pass@{k} | ent_t1 |", "|---|---|---|---|---|---|---|---|"]
+    points["plain", 0] = (stat(start_entropy([collapsed])), stat(accuracy(plain, f"avg@{k}")),
+                          stat(accuracy(plain, f"pass@{k}")))
+    lines.append(f"| plain (no reheat) | - | - | - | {fmt(start_entropy([collapsed]))} | "
+                 f"{fmt(accuracy(plain, f'avg@{k}'))} | {fmt(accuracy(plain, f'pass@{k}'))} | "
+                 f"{fmt(accuracy(plain, 'ent_t1'))} |")
+    for f in SWEEP_FACTORS:
+        for m in SWEEP:
+            dirs, paths = sweep[m, f], starts[m, f]
+            taus, steps = zip(*[reheat_of(p) for p in paths])
+            ent = start_entropy(paths)
+            points[m, f] = (stat(ent), stat(accuracy(dirs, f"avg@{k}")), stat(accuracy(dirs, f"pass@{k}")))
+            lines.append(f"| {m} | {f:g} x H = {f * target:.3f} | {'/'.join(f'{t:.3f}' for t in dict.fromkeys(taus))} "
+                         f"| {'-' if steps[0] is None else '/'.join(map(str, steps))} | {fmt(ent)} | "
+                         f"{fmt(accuracy(dirs, f'avg@{k}'))} | {fmt(accuracy(dirs, f'pass@{k}'))} | "
+                         f"{fmt(accuracy(dirs, 'ent_t1'))} |")
+    tests = [t for path in glob.glob(os.path.join(eval_sweep, "arms__*.json")) for t in json.load(open(path))["tests"]
+             if t["benchmark"] == "heldout"]
+    pairs = {(f"{m}_x{f:g}", f"closed_x{f:g}"): f for f in SWEEP_FACTORS for m in SWEEP if m != "closed"}
+    chosen = [t for t in tests if (t["a"], t["b"]) in pairs]
+    if chosen:
+        def ci(t):
+            return f"{t['diff']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], p = {t['p_value']:.4f}" if t else "-"
+        lines += ["", f"TS-OPSD - closed form at each target, continued-RL held-out avg@{k} (95% CI, two-sided p; the "
+                  f"three tests of section 2):", "", "| A - B | problems only | seeds + problems | paired t over seeds |",
+                  "|---|---|---|---|"]
+        lines += [f"| {t['a']} - {t['b']} | {ci(t)} | {ci(t.get('seed_bootstrap'))} | {ci(t.get('seed_paired_t'))} |"
+                  for t in chosen]
+    start = evals.get("start", {}).get("macro", {})
+    plot_sweep(points, target, (start.get(f"avg@{k}"), start.get(f"pass@{k}")), k,
+               os.path.join(eval_dir, "plots", "sweep.png"))
+    lines += ["", f"![continued-RL held-out avg@{k} and pass@{k} against the entropy at the start of continued RL, one "
+              f"line per method, 95% bars over seeds](eval/plots/sweep.png)"]
+    return lines
+
+
+def plot_sweep(points: dict, target: float, start_acc: tuple, k: int, path: str):
+    """Continued-RL held-out avg@k and pass@k (y) against start entropy (x), one line per method over the multiples
+    of H, bars = 95% half-widths over seeds; the plain arm a point, H a dotted line, the start model dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for j, (ax, name) in enumerate(zip(axes, (f"avg@{k}", f"pass@{k}"))):
+        for m in SWEEP:
+            xs = [points[m, f] for f in SWEEP_FACTORS]
+            ax.errorbar([p[0][0] for p in xs], [p[j + 1][0] for p in xs], xerr=[p[0][1] for p in xs],
+                        yerr=[p[j + 1][1] for p in xs], marker="o", capsize=3, label=m)
+        p = points["plain", 0]
+        ax.errorbar([p[0][0]], [p[j + 1][0]], yerr=[p[j + 1][1]], marker="s", color="k", capsize=3, linestyle="none",
+                    label="plain (no reheat)")
+        ax.axvline(target, color="grey", linestyle=":", label="H (start model)")
+        if start_acc[j] is not None:
+            ax.axhline(start_acc[j], color="grey", linestyle="--", label="start model")
+        ax.set_xlabel("token entropy at the start of continued RL (nats)")
+        ax.set_ylabel(f"held-out {name} after continued RL")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The README's first command, shortened (`demo.py --quick`): every stage runs on the shipped tiny model and
+"""The README's first command, shortened (`demo.py --quick --sweep`): every stage runs on the shipped tiny model and
 the results folder has what the demo promises. Asserts only what holds by construction of the pipeline."""
 import glob
 import json
@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    res = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
+    res = subprocess.run([sys.executable, "demo.py", "--quick", "--sweep", "--out", str(out)], cwd=ROOT, capture_output=True,
                          text=True, timeout=1500, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return str(out), res.stdout
@@ -123,7 +123,8 @@ def test_rl_moved_the_policy(demo):
 def test_every_checkpoint_loads_in_transformers_and_vllm(demo):
     out, _ = demo
     from transformers import AutoModelForCausalLM
-    finals = sorted(glob.glob(os.path.join(out, "runs", "*", "final"))) + [os.path.join(out, "runs", "closed_form")]
+    finals = sorted(p for p in glob.glob(os.path.join(out, "runs", "*", "final")) if "_x" not in p)   # not --sweep's
+    finals += [os.path.join(out, "runs", "closed_form")]
     assert len(finals) >= 7           # collapse, reheat, 4 arms, closed form
     for path in finals:
         model = AutoModelForCausalLM.from_pretrained(path)
@@ -134,3 +135,53 @@ def test_every_checkpoint_loads_in_transformers_and_vllm(demo):
         out_ = llm.generate(["What is 3+4?\n"], vllm.SamplingParams(max_tokens=8), use_tqdm=False)
         assert len(out_[0].outputs[0].token_ids) >= 1
         del llm
+
+
+def test_sweep_reheats_every_method_to_every_target_and_reports_them(demo):
+    """--sweep: TS-OPSD (reverse and forward KL) and the closed form reheated to 0.5, 1 and 2 x H, each continued by
+    RL; the 1 x H forward-KL and closed-form points are the tsopsd and closed arms (not run twice); every reheat is
+    configured as the tsopsd arm's (teacher at 1.5 x its target, window 5); results.md has a row per point with
+    numbers, a test between TS-OPSD and the closed form at each target, and the figure."""
+    import re
+    out, _ = demo
+    text = open(os.path.join(out, "results.md")).read()
+    H = float(re.search(r"Matched to H = ([0-9.]+) nats", text).group(1))
+    section = text.split("## 3. Dose-response")[1]
+    rows = [line for line in section.split("TS-OPSD - closed form at each target")[0].splitlines()
+            if line.startswith(("| tsopsd_", "| closed |", "| plain"))]
+    assert len(rows) == 10 and not any("n/a" in r for r in rows), rows
+    for f in ("0.5", "1", "2"):
+        for m in ("tsopsd_reverse_kl", "tsopsd_forward_kl"):
+            assert f"| {m}_x{f} - closed_x{f} |" in section
+    png = open(os.path.join(out, "eval", "plots", "sweep.png"), "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and "](eval/plots/sweep.png)" in section
+    runs = os.path.join(out, "runs")
+    assert not os.path.exists(os.path.join(runs, "reheat_forward_kl_x1_s0"))      # the tsopsd arm's reheat
+    assert not os.path.exists(os.path.join(runs, "closed_form_x1"))               # the closed arm's closed form
+    for name, div, f in (("reheat_reverse_kl_x2_s0", "reverse_kl", 2), ("reheat_forward_kl_x0.5_s0", "forward_kl", 0.5),
+                         ("reheat_reverse_kl_x1_s0", "reverse_kl", 1), ("reheat_s0", "forward_kl", 1)):
+        cfg = json.load(open(os.path.join(runs, name, "config.json")))
+        assert cfg["divergence"] == div and cfg["calibrate_tau"] and cfg["target_window"] == 5
+        assert cfg["target_entropy"] == pytest.approx(f * H, rel=2e-3)
+        assert cfg["teacher_entropy"] == pytest.approx(1.5 * cfg["target_entropy"], rel=1e-4)
+    for f in (0.5, 2):
+        made = json.load(open(os.path.join(runs, f"closed_form_x{f:g}", "closed_form.json")))
+        assert made["calibrated"]["target_entropy"] == pytest.approx(f * H, rel=2e-3)
+    [arms] = glob.glob(os.path.join(out, "eval_sweep", "arms__*.json"))
+    assert set(json.load(open(arms))["arms"]) == {"plain"} | {f"{m}_x{f}" for f in ("0.5", "1", "2")
+                                                              for m in ("tsopsd_reverse_kl", "tsopsd_forward_kl", "closed")}
+
+
+def test_a_stage_is_reused_only_with_the_same_command(tmp_path):
+    """demo.cached: a finished stage (final/ and its recorded command) is reused; another command, or a run that
+    did not finish, is redone."""
+    import demo
+    run_dir = tmp_path / "r"
+    cmd = ["python", "rl_dapo.py", "--lr", "1e-4"]
+    os.makedirs(run_dir / "final")
+    assert not demo.cached(str(run_dir), cmd)                # no record: from an older demo, or killed
+    demo.record(str(run_dir), cmd)
+    assert demo.cached(str(run_dir), cmd)
+    assert not demo.cached(str(run_dir), cmd[:-1] + ["2e-4"])
+    os.rmdir(run_dir / "final")
+    assert not demo.cached(str(run_dir), cmd)
