@@ -36,9 +36,9 @@ objects compared are policies at T=1, and a reheated model IS approximately the 
 at 0.6 would re-sharpen both and hide what reheating changed; `--temperature 1.5` on the collapsed model is the
 "reheat at sampling time" baseline), 20480 max tokens (rl_dapo.py's training length: shorter would cut correct
 long solutions), k = 16. Temperature is applied to the final logits only, by the sampler; the analyses score
-at T=1, so a reheated checkpoint's temperature is whatever its weights put there (the review's third point).
+at T=1, so a reheated checkpoint's temperature is whatever its weights put there (the paper's public review asked where the temperature is applied).
 
-    python evaluate.py --ckpt runs/tiny_sft/model --benchmarks test=runs/tiny/data/test.jsonl --prompt-style plain \
+    python evaluate.py --ckpt assets/tiny_math/model --benchmarks test=assets/tiny_math/data/test.jsonl --prompt-style plain \
         --k 4 --max-tokens 64 --out runs/eval_tiny
     torchrun --nproc_per_node=8 evaluate.py --ckpt collapsed=runs/rl/final reheated=runs/reheat/final --out runs/eval
     python evaluate.py --compare runs/rl/final runs/reheat/final --out runs/eval
@@ -205,7 +205,10 @@ class Args:
     n_boot: int = arg(10000, "bootstrap resamples for the tests between arms", group="analyses")
     # systems and output
     device: str = arg("auto", "cuda, cpu, or auto", group="systems", choices=("auto", "cpu", "cuda"))
-    out: str = arg("runs/eval", "output directory (results, caches, plots); rerunning into it resumes", group="systems")
+    out: str = arg("runs/eval", "output directory (results, caches, plots). Rerunning the same command (after a "
+                   "kill, or a SLURM --requeue) continues: the samples cached here are kept and only the missing "
+                   "problems are generated (a kill loses at most --gen-chunk problems per rank), then every table "
+                   "and plot is rebuilt", group="systems")
 
 
 @dataclasses.dataclass
@@ -639,10 +642,9 @@ def main(argv=None):
                                          vllm_kv_cache_gib=args.vllm_kv_cache_gib, vllm_tp=args.vllm_tp,
                                          vllm_sleep=False)
                 serving = c
-            if info.is_main:
-                with open(meta_path, "w") as f:
-                    json.dump({"checkpoint": c.path, "fingerprint": fp, "benchmark": bench, "engine": engine.name,
-                               "settings": settings_tag(args, n, with_ids)}, f, indent=1)
+            if info.is_main:                    # atomic (dump): a rerun reads it back, also after a kill
+                dump({"checkpoint": c.path, "fingerprint": fp, "benchmark": bench, "engine": engine.name,
+                      "settings": settings_tag(args, n, with_ids)}, meta_path)
             per_round = args.gen_chunk * engine.dp_size
             t0 = time.time()
             for start in range(0, len(todo), per_round):

@@ -25,9 +25,10 @@ Choices the paper leaves open, and our defaults:
   gradient is the policy-gradient of the per-token log-ratio on the student's own samples); forward KL
   and JSD(beta) are one flag away.
 
-    python reheat_tsopsd.py --ckpt runs/collapsed/final --data runs/tiny/data/train.jsonl --prompt-style plain
+    python reheat_tsopsd.py --ckpt runs/rl_tiny/final --data assets/tiny_math/data/train.jsonl --prompt-style plain
     torchrun --nproc_per_node=8 reheat_tsopsd.py --ckpt COLLAPSED --tau 1.5
     python reheat_tsopsd.py --ckpt COLLAPSED --tau 1.5 --closed-form --out runs/closed_form
+    ... --run-name reheat --resume auto      # a relaunch of this same command (SLURM --requeue) continues it
 
 Logged metrics (metrics.jsonl; README.md#metrics): reheat/student_entropy, reheat/stop_entropy,
 reheat/teacher_entropy, reheat/divergence, reheat/top1_agree, rollout/accuracy, rollout/distinct_answers, rollout/response_len_mean,
@@ -43,9 +44,9 @@ from tqdm import tqdm
 
 from common.batching import default_micro_batch_tokens, pack_padding_free, plan_micro_batches
 from common.calibrate import solve_tau, tempered_entropy
-from common.checkpoint import (check_disk_space, latest_checkpoint, load_checkpoint, save_checkpoint, save_hf,
-                               stored_dtype)
-from common.cli import arg, check_context_length, parse_args, with_resumed_config
+from common.checkpoint import (check_disk_space, drop_snapshots_after, latest_checkpoint, load_checkpoint,
+                               save_checkpoint, save_hf, save_snapshot, stored_dtype)
+from common.cli import arg, check_context_length, parse_args, resolve_auto_resume, with_resumed_config
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
 from common.dist import (all_reduce, check_sharding, cleanup_distributed, derive_seed, full_params, init_distributed,
                          print0, resolve_model_path, seed_everything, unwrap, use_bf16)
@@ -70,7 +71,10 @@ class Args:
     divergence: str = arg("reverse_kl", "per-token divergence D(student, teacher) over the full vocabulary", group="method",
                           choices=DIVERGENCES)
     beta: float = arg(0.5, "JSD mixture weight of the teacher, M = (1-beta) p_s + beta p_t (jsd only)", group="method")
-    steps: int = arg(50, "reheat steps at most", group="method")
+    steps: int = arg(50, "reheat steps at most (ours: the paper stops after a fixed number of steps or at a target "
+                     "entropy, and neither is visible. At --lr 2e-6 an AdamW step moves a weight by ~lr at most, so "
+                     "50 steps move each by <= 1e-4: watch reheat/student_entropy against reheat/teacher_entropy, "
+                     "or stop on --target-entropy)", group="method")
     target_entropy: float | None = arg(None, "stop once the student's mean token entropy at T=1 on its rollouts reaches "
                                        "this (nats); None: run all steps", group="method")
     target_window: int = arg(1, "--target-entropy is reached when the mean of the last this-many steps' "
@@ -100,9 +104,18 @@ class Args:
     data: str = arg("dapo17k", "prompts: a name from common/data.py or a .jsonl/.parquet file", group="data and rollout")
     prompt_style: str = arg("dapo_chat", "dapo_chat, dapo_raw, or plain (see rl_dapo.py)", group="data and rollout",
                             choices=PROMPT_STYLES)
-    group_size: int = arg(8, "responses sampled per prompt, n", group="data and rollout")
-    prompts_per_step: int = arg(64, "prompts per step (all ranks together)", group="data and rollout")
-    max_response_len: int = arg(8192, "max tokens per response", group="data and rollout")
+    group_size: int = arg(8, "responses sampled per prompt, n (ours: the loss needs no groups, having no advantages; "
+                          "8 samples per prompt give rollout/distinct_answers, the diversity monitor, its meaning)",
+                          group="data and rollout")
+    prompts_per_step: int = arg(64, "prompts per step (all ranks together; ours: 64 x 8 = 512 responses, 1/16 of an "
+                                "RL step's 512 x 16: every response token carries a full-vocabulary target, not one "
+                                "reward per response, so far fewer samples give a steady gradient)",
+                                group="data and rollout")
+    max_response_len: int = arg(20480, "max tokens per response (rl_dapo.py's L: the student's own rollouts then have "
+                                "the lengths its RL produced, where 8192 would cut the long tail of a policy trained "
+                                "at 20480. Memory: the default 32768-token micro-batch already holds a whole 20480-"
+                                "token response; bench/results/memory_defaults.json, reheat at 32768 tokens: 22.7 GiB "
+                                "per GPU for Qwen3-4B, 38.8 for 8B at 8 ranks)", group="data and rollout")
     rollout_engine: str = arg("auto", "vllm, hf, or auto", group="data and rollout", choices=("auto", "vllm", "hf"))
     vllm_gpu_memory: float | None = arg(None, "fraction of the GPU's total memory for vLLM (default: all that is free "
                                         "with the training state resident, less 2 GiB; README.md#memory-plan)",
@@ -115,10 +128,16 @@ class Args:
     grade_truncated: bool = arg(False, "the accuracy monitor grades responses cut at --max-response-len on their text "
                                 "(default: they count as wrong, as in rl_dapo.py)", group="data and rollout")
     # optimizer
-    lr: float = arg(2e-6, "AdamW learning rate (the paper's RL rate; reheating converges in tens of steps)", group="optimizer")
-    warmup_steps: int = arg(0, "linear warmup steps", group="optimizer")
-    weight_decay: float = arg(0.0, "AdamW weight decay (0: only the distillation moves the weights)", group="optimizer")
-    grad_clip: float = arg(1.0, "global gradient-norm clip", group="optimizer")
+    lr: float = arg(2e-6, "AdamW learning rate (the paper's only reported rate, Appendix A: 2e-6 for its DAPO RL; "
+                    "the reheat's own is not visible. See --steps for how far it moves the weights)", group="optimizer")
+    warmup_steps: int = arg(0, "linear warmup steps (ours: the paper's 10 are its RL's; the reheat's target is well "
+                            "defined from step 1 and an AdamW step is ~lr at most whatever the gradient, so 10 steps "
+                            "of warmup would spend a fifth of the 50 on a ramp)", group="optimizer")
+    weight_decay: float = arg(0.0, "AdamW weight decay (ours: 0, so only the distillation moves the weights: decay "
+                              "would shrink every weight, a change no temperature explains, and blur the comparison "
+                              "with --closed-form)", group="optimizer")
+    grad_clip: float = arg(1.0, "global gradient-norm clip (DAPO's verl recipe: actor.grad_clip 1.0, as rl_dapo.py)",
+                           group="optimizer")
     micro_batch_tokens: int | None = arg(None, "tokens (prompt + response) per padding-free forward/backward; a "
                                          "longer sequence runs alone (memory knob; does not change the math). "
                                          "Default: 32768 on CUDA, 512 on CPU", group="optimizer")
@@ -137,16 +156,31 @@ class Args:
     seed: int = arg(0, "seed", group="systems")
     out: str = arg("runs", "root of run directories; with --closed-form, the output checkpoint directory", group="run")
     run_name: str = arg("", "run directory name (default: reheat_tsopsd__<seed>__<time>)", group="run")
-    resume: str = arg("", "run directory to continue from its last complete checkpoint", group="run")
-    save_every: int = arg(0, "steps between checkpoints (0: only at the end)", group="run")
+    resume: str = arg("", "run directory to continue from its last complete checkpoint; auto: OUT/RUN_NAME (needs "
+                      "--run-name) is continued if it holds a complete checkpoint, else the run starts there, so "
+                      "launching the same command again (a SLURM --requeue) continues it, and a finished run "
+                      "stays finished", group="run")
+    save_every: int = arg(10, "steps between checkpoints besides the one at the end (0: only that one). 10: at the "
+                          "paper's scale a step takes minutes (512 responses of up to 20k tokens), and --resume "
+                          "needs a checkpoint; each costs 14 B/param (56 GB for Qwen3-4B, 115 GB for 8B), at most "
+                          "--keep-last + 1 on disk", group="run")
     keep_last: int = arg(2, "complete checkpoints to keep", group="run")
+    snapshot_every: int = arg(0, "every this many steps also write the student alone (HF weights in the start "
+                              "checkpoint's dtype, config, tokenizer; no optimizer or resume state; loads in "
+                              "transformers and vLLM) to RUN_DIR/snapshots/step_XXXXXX/, never deleted by "
+                              "--keep-last: to choose how far to reheat after the run (evaluate.py on each). Disk per "
+                              "snapshot 2 B/param in bf16: 8.0 GB for Qwen3-4B, 16.4 GB for Qwen3-8B. 0: off",
+                              group="run")
     wandb_project: str = arg("", "also log to this wandb project (empty: off)", group="run")
     tensorboard: bool = arg(False, "also write tensorboard scalars to RUN_DIR/tb (needs the tensorboard package)",
                             group="run")
 
 
 def check_args(a: Args):
-    if a.resume:
+    if a.resume == "auto" and not a.run_name:
+        raise SystemExit("--resume auto needs --run-name: the run directory OUT/RUN_NAME that launching the same "
+                         "command again continues (a default name holds the launch time)")
+    if a.resume and a.resume != "auto":
         if not os.path.isdir(a.resume) or latest_checkpoint(a.resume) is None:
             raise SystemExit(f"--resume {a.resume}: not a run directory with a complete checkpoint")
     elif not a.ckpt:
@@ -164,6 +198,8 @@ def check_args(a: Args):
         raise SystemExit("--teacher-entropy needs --calibrate-tau (it is the entropy tau is calibrated to)")
     if a.target_window < 1:
         raise SystemExit(f"--target-window must be >= 1, got {a.target_window}")
+    if a.save_every < 0 or a.snapshot_every < 0:
+        raise SystemExit("--save-every and --snapshot-every must be >= 0 (0: off)")
     if a.tau == 1.0 and a.teacher == "frozen" and not a.closed_form and not a.calibrate_tau:
         raise SystemExit("--tau 1 with a frozen teacher: the student already equals its teacher, so the objective is "
                          "at its minimum (0) and nothing would change. Use tau > 1 to reheat (or < 1 to sharpen).")
@@ -295,7 +331,7 @@ def main(argv=None):
         return closed_form_reheat(resolve_model_path(args.ckpt), args.tau, args.out)
     if args.closed_form:
         return calibrated_closed_form(args)
-    args = with_resumed_config(args)
+    args = with_resumed_config(resolve_auto_resume(args, "reheat_tsopsd"))
 
     # ------------------------------------------------------------------------- setup
     info, ckpt, problems, tokenizer, max_prompt, max_positions = setup(args)
@@ -307,7 +343,8 @@ def main(argv=None):
     print0(f"[reheat_tsopsd] run directory: {run_dir}")
     # checkpoints: fp32 resume state (DCP) + the HF export in the dtype the model came in (bf16 for Qwen3)
     export_dtype = stored_dtype(ckpt)
-    check_disk_space(run_dir, param_count(ckpt), export_dtype, args.keep_last)   # before any weights load
+    check_disk_space(run_dir, param_count(ckpt), export_dtype, args.keep_last,   # before any weights load
+                     snapshot=args.snapshot_every > 0)
 
     # ------------------------------------------------------------------------- models: student and teacher
     # the student built on the meta device, sharded, then filled from rank 0's read of the checkpoint
@@ -323,15 +360,18 @@ def main(argv=None):
     optimizer = make_optimizer(student, lr=args.lr, weight_decay=args.weight_decay)
     start_step, cursor, entropies = 0, 0, []            # entropies: the last --target-window steps' student entropy
     if args.resume:
-        state = load_checkpoint(latest_checkpoint(args.resume), student, optimizer)
+        resumed = latest_checkpoint(args.resume)
+        state = load_checkpoint(resumed, student, optimizer)
         start_step, cursor = state["step"], state["cursor"]
         entropies = state.get("entropies", [state["student_entropy"]] if state.get("student_entropy") is not None
                                                        else [])
         args.tau = state.get("tau", args.tau)           # a calibrated tau is part of the run's state
+        print0(f"[reheat_tsopsd] resumed from {resumed} at step {start_step}")
     logger = MetricsLogger(run_dir, enabled=info.is_main, wandb_project=args.wandb_project or None,
                            tensorboard=args.tensorboard)
-    if args.resume:
+    if args.resume:                                     # the killed run's steps after its checkpoint are redone
         logger.truncate_after(start_step)
+        drop_snapshots_after(run_dir, start_step)
 
     # ------------------------------------------------------------------------- loss: the self-distillation head
     def teacher_hidden(ids, pos, pred):
@@ -472,6 +512,8 @@ def main(argv=None):
         pbar.set_postfix(ent=f"{m['reheat/student_entropy']:.3f}", kl=f"{m['reheat/divergence']:.4f}",
                          acc=f"{m['rollout/accuracy']:.3f}")
         done = step + 1
+        if args.snapshot_every and done % args.snapshot_every == 0:        # before the checkpoint of its step
+            save_snapshot(run_dir, done, student, tokenizer, dtype=export_dtype)
         if args.save_every and done % args.save_every == 0 and done < args.steps:
             save_checkpoint(run_dir, done, student, tokenizer, optimizer,
                             {"step": done, "cursor": cursor, "student_entropy": entropies[-1], "entropies": entropies,

@@ -22,14 +22,15 @@ The RL stage of the TS-OPSD paper: it produces the entropy-collapsed checkpoint,
      whole mini-batch on all ranks.
   6. push the new weights into the rollout engine
 
-Departures from DAPO/verl, on purpose: one process group does both training and generation (no Ray);
-log-probs and ratios use logits / T, the distribution actually sampled from; groups are filtered on
-correctness (verl's `filter_groups.metric=acc`); with one mini-batch per step the old log-probs are the
-training forward's own (detached: the ratio is exactly 1, one forward saved), otherwise recomputed.
+Departures from DAPO/verl, on purpose: one process group does both training and generation (no Ray); groups
+are filtered on correctness (verl's `filter_groups.metric=acc`); with one mini-batch per step the old log-probs
+are the training forward's own (detached: the ratio is exactly 1, one forward saved), otherwise recomputed.
+As in verl's actor, log-probs, ratios and entropies use logits / T, the distribution actually sampled from.
 
-    python rl_dapo.py --model runs/tiny/model --data runs/tiny/data/train.jsonl --prompt-style plain   # 1 CPU
+    python rl_dapo.py --model assets/tiny_math/model --data assets/tiny_math/data/train.jsonl --prompt-style plain  # CPU
     torchrun --nproc_per_node=8 rl_dapo.py --model Qwen/Qwen3-4B-Base --data dapo17k --val-data aime24
     python rl_dapo.py --resume runs/rl_dapo__0__20261126-120000     # continue a run from its last checkpoint
+    ... --run-name collapse --resume auto       # a relaunch of this same command (SLURM --requeue) continues it
 
 Logged metrics (metrics.jsonl in the run directory; documented in README.md#metrics).
 """
@@ -41,9 +42,9 @@ import torch
 from tqdm import tqdm
 
 from common.batching import agree_on_groups, build_step_batch, concat, default_micro_batch_tokens, pack_padding_free
-from common.checkpoint import (check_disk_space, latest_checkpoint, load_checkpoint, save_checkpoint, save_hf,
-                               stored_dtype)
-from common.cli import arg, check_context_length, parse_args, with_resumed_config
+from common.checkpoint import (check_disk_space, drop_snapshots_after, latest_checkpoint, load_checkpoint,
+                               save_checkpoint, save_hf, save_snapshot, stored_dtype)
+from common.cli import arg, check_context_length, parse_args, resolve_auto_resume, with_resumed_config
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
 from common.dist import (all_reduce, check_model_path, check_sharding, cleanup_distributed, derive_seed,
                          init_distributed, print0, resolve_model_path, seed_everything)
@@ -160,11 +161,23 @@ class Args:
     # run directory
     out: str = arg("runs", "root directory of run directories", group="run")
     run_name: str = arg("", "run directory name (default: rl_dapo__<seed>__<time>)", group="run")
-    resume: str = arg("", "run directory to continue from its last complete checkpoint", group="run")
+    resume: str = arg("", "run directory to continue from its last complete checkpoint; auto: OUT/RUN_NAME (needs "
+                      "--run-name) is continued if it holds a complete checkpoint, else the run starts there, so "
+                      "launching the same command again (a SLURM --requeue) continues it, and a finished run "
+                      "stays finished", group="run")
     save_every: int = arg(50, "steps between checkpoints (0: only at the end)", group="run")
     keep_last: int = arg(2, "complete checkpoints to keep", group="run")
+    snapshot_every: int = arg(0, "every this many steps also write the policy alone (HF weights in the start "
+                              "model's dtype, config, tokenizer; no optimizer or resume state; loads in "
+                              "transformers and vLLM) to RUN_DIR/snapshots/step_XXXXXX/, never deleted by "
+                              "--keep-last: to pick the collapse point after the run (evaluate.py on each). Disk "
+                              "per snapshot 2 B/param in bf16: 8.0 GB for Qwen3-4B, 16.4 GB for Qwen3-8B "
+                              "(300 steps at 10: 30 of them, 241 GB for 4B). 0: off", group="run")
     val_every: int = arg(10, "steps between validations (0: only at the end)", group="run")
-    val_n: int = arg(1, "samples per validation problem", group="run")
+    val_n: int = arg(16, "samples per validation problem; val/accuracy is their mean (avg@n). 16, as evaluate.py's "
+                     "--k: on AIME's 30 problems one sample each leaves up to +-9.1 points of sampling noise (one "
+                     "sd, sqrt(0.25 / 30)), 16 up to +-2.3; 30 x 16 = 480 responses, 1/50 of one generation "
+                     "batch (1536 x 16)", group="run")
     val_temperature: float = arg(1.0, "validation sampling temperature", group="run")
     val_max_problems: int = arg(0, "validate on the first this-many problems (0: all)", group="run")
     wandb_project: str = arg("", "also log to this wandb project (empty: off)", group="run")
@@ -174,7 +187,10 @@ class Args:
 
 def check_args(a: Args):
     """Clear errors before any compute."""
-    if a.resume:
+    if a.resume == "auto" and not a.run_name:
+        raise SystemExit("--resume auto needs --run-name: the run directory OUT/RUN_NAME that launching the same "
+                         "command again continues (a default name holds the launch time)")
+    if a.resume and a.resume != "auto":
         if not os.path.isdir(a.resume):
             raise SystemExit(f"--resume {a.resume}: no such run directory")
         if latest_checkpoint(a.resume) is None:
@@ -185,12 +201,14 @@ def check_args(a: Args):
         check_model_path(a.model)
     positive = dict(group_size=a.group_size, prompts_per_step=a.prompts_per_step, gen_batch_prompts=a.gen_batch_prompts,
                     max_gen_batches=a.max_gen_batches, max_response_len=a.max_response_len, ppo_mini_batch=a.ppo_mini_batch,
-                    chunk_size=a.chunk_size, steps=a.steps)
+                    chunk_size=a.chunk_size, steps=a.steps, val_n=a.val_n)
     for name, v in positive.items():
         if v <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {v}")
     if a.micro_batch_tokens is not None and a.micro_batch_tokens <= 0:
         raise SystemExit(f"--micro-batch-tokens must be positive, got {a.micro_batch_tokens}")
+    if a.save_every < 0 or a.snapshot_every < 0:
+        raise SystemExit("--save-every and --snapshot-every must be >= 0 (0: off)")
     if a.group_size < 2:
         raise SystemExit("--group-size must be at least 2: group-normalised advantages need several samples per prompt")
     if not 0 <= a.overlong_buffer < a.max_response_len:
@@ -330,7 +348,7 @@ def token_mean_scales(n_resp: list[int], per_mini: int, world_size: int) -> list
 def main(argv=None):
     args = parse_args(Args, argv, description=__doc__)
     check_args(args)
-    args = with_resumed_config(args)
+    args = with_resumed_config(resolve_auto_resume(args, "rl_dapo"))
 
     # ------------------------------------------------------------------------- setup
     info = init_distributed(args.device)
@@ -356,7 +374,8 @@ def main(argv=None):
     print0(f"[rl_dapo] run directory: {run_dir}")
     # checkpoints: fp32 resume state (DCP) + the HF export in the dtype the model came in (bf16 for Qwen3)
     export_dtype = stored_dtype(model_path)
-    check_disk_space(run_dir, param_count(model_path), export_dtype, args.keep_last)   # before any weights load
+    check_disk_space(run_dir, param_count(model_path), export_dtype, args.keep_last,    # before any weights load
+                     snapshot=args.snapshot_every > 0)
 
     if args.policy_loss == "kl_cov" and args.prompts_per_step == args.ppo_mini_batch:
         print0("[rl_dapo] warning: --policy-loss kl_cov with one mini-batch per step does nothing: the only update "
@@ -380,8 +399,9 @@ def main(argv=None):
         print0(f"[rl_dapo] resumed from {ckpt} at step {start_step}")
     logger = MetricsLogger(run_dir, enabled=info.is_main, wandb_project=args.wandb_project or None,
                            tensorboard=args.tensorboard)
-    if args.resume:
+    if args.resume:                                     # the killed run's steps after its checkpoint are redone
         logger.truncate_after(start_step)
+        drop_snapshots_after(run_dir, start_step)
 
     # ------------------------------------------------------------------------- loss: forward heads
     T = args.rollout_temperature
@@ -704,6 +724,8 @@ def main(argv=None):
         logger.log(done, m)
         pbar.set_postfix(acc=f"{m['rollout/accuracy']:.3f}", ent=f"{m.get('train/entropy_t1', float('nan')):.3f}",
                          kept=f"{m['rollout/groups_used']}")
+        if args.snapshot_every and done % args.snapshot_every == 0:        # before the checkpoint of its step
+            save_snapshot(run_dir, done, model, tokenizer, dtype=export_dtype)
         if (args.save_every and done % args.save_every == 0) or done == args.steps:
             save_checkpoint(run_dir, done, model, tokenizer, optimizer, {"step": done, "cursor": cursor} | control,
                             keep_last=args.keep_last, dtype=export_dtype)

@@ -51,11 +51,19 @@ the next save deletes any leftover `*.tmp`. save_hf writes `out.tmp/` and rename
 Checkpoints from before resume/model/ existed still resume: their HF weights are the fp32 copy, and
 load_checkpoint reads them when resume/model/ is absent.
 
+Snapshots (the scripts' --snapshot-every): run_dir/snapshots/step_000010/ holds the HF export alone (weights in
+the export dtype, configs, tokenizer; no resume/), written like save_hf (tmp dir, then one rename) and never
+pruned by keep_last: n_params x 2 B in bf16 each (Qwen3-4B 8.0 GB, Qwen3-8B 16.4 GB), so that evaluate.py can
+be run on every one of them after the run, e.g. to pick the collapse point. A resumed run first drops the
+snapshots after the step it resumes from (drop_snapshots_after): they belong to the killed run's steps, which
+it recomputes.
+
     dtype = stored_dtype(args.model)                # the source checkpoint's dtype: bf16 for Qwen3
     check_disk_space(args.out, count_params(model), dtype, args.keep_last)
     ckpt = latest_checkpoint(run_dir)               # None on a fresh run
     if ckpt: state = load_checkpoint(ckpt, model, optimizer); start = state["step"] + 1
     ...
+    save_snapshot(run_dir, step, model, tokenizer, dtype=dtype)                # optional, before the checkpoint
     save_checkpoint(run_dir, step, model, tokenizer, optimizer, {"cursor": cursor}, keep_last=2, dtype=dtype)
     save_hf(args.out, model, tokenizer, dtype=dtype)   # the final model, no resume state
 
@@ -306,11 +314,13 @@ def checkpoint_bytes(n_params: int, export_dtype: torch.dtype | None, optimizer:
 
 
 def check_disk_space(run_dir: str, n_params: int, export_dtype: torch.dtype | None, keep_last: int,
-                     optimizer: bool = True) -> None:
+                     optimizer: bool = True, snapshot: bool = False) -> None:
     """Exit (SystemExit, one line) when the filesystem of `run_dir` has no room for one more checkpoint
-    (checkpoint_bytes). Reads disk usage only: call it on every rank, before training. run_dir need not
-    exist yet (its nearest existing parent is asked)."""
+    (checkpoint_bytes), and with `snapshot` one more snapshot besides (its HF export alone). Reads disk usage
+    only: call it on every rank, before training. run_dir need not exist yet (its nearest existing parent is
+    asked)."""
     need = checkpoint_bytes(n_params, export_dtype, optimizer)
+    need += n_params * (export_dtype or torch.float32).itemsize if snapshot else 0     # the export alone
     path = os.path.abspath(run_dir)
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
@@ -323,7 +333,8 @@ def check_disk_space(run_dir: str, n_params: int, export_dtype: torch.dtype | No
             f"--keep-last {keep_last} keeps every checkpoint; a positive --keep-last bounds them")
     raise SystemExit(f"not enough disk for a checkpoint: {path} has {free / 1e9:.1f} GB free, one checkpoint of "
                      f"{n_params / 1e9:.2f}B parameters needs {need / 1e9:.1f} GB (fp32 weights"
-                     f"{' + AdamW moments' if optimizer else ''} + {export} export); point --out at a bigger "
+                     f"{' + AdamW moments' if optimizer else ''} + {export} export"
+                     f"{f' + a {export} snapshot' if snapshot else ''}); point --out at a bigger "
                      f"filesystem ({kept})")
 
 
@@ -367,6 +378,25 @@ def save_hf(out_dir: str, model, tokenizer, *, dtype: torch.dtype | None = None)
         _replace_dir(tmp, out_dir)
     _barrier()   # nobody returns (and reads out_dir) before it exists
     return out_dir
+
+
+def save_snapshot(run_dir: str, step: int, model, tokenizer, *, dtype: torch.dtype | None = None) -> str:
+    """Write run_dir/snapshots/step_{step:06d}/: the HF model dir alone, as save_hf writes it (atomic, in `dtype`),
+    no optimizer or resume state; save_checkpoint's keep_last never deletes it. Collective; returns the dir."""
+    return save_hf(os.path.join(run_dir, "snapshots", f"step_{step:06d}"), model, tokenizer, dtype=dtype)
+
+
+def drop_snapshots_after(run_dir: str, step: int) -> None:
+    """Delete the snapshots of steps after `step` (and leftover `*.tmp` of killed writes): a run resumed from the
+    checkpoint of `step` (0: a fresh start in a directory an earlier attempt left) recomputes those steps, so
+    their snapshots would be of another trajectory. Rank 0 deletes; call it on every rank."""
+    root = os.path.join(run_dir, "snapshots")
+    if _rank() == 0 and os.path.isdir(root):
+        for name in os.listdir(root):
+            m = STEP_DIR.fullmatch(name)
+            if (m and int(m.group(1)) > step) or name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    _barrier()
 
 
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer=None, state: dict | None = None, *,

@@ -8,7 +8,8 @@
 Each field becomes `--lr` (underscores as dashes) in `--help`, grouped under its group; booleans get
 `--flag/--no-flag`. `choices` are checked by argparse, so a bad value fails before any compute; so is a
 float that is not finite (nan, inf), for every float flag. check_context_length tells a run whose prompts
-plus responses cannot fit the model's positions before it loads any weights.
+plus responses cannot fit the model's positions before it loads any weights. with_resumed_config and
+resolve_auto_resume implement --resume DIR and --resume auto.
 """
 import argparse
 import dataclasses
@@ -127,4 +128,36 @@ def with_resumed_config(args):
             continue
         if (name not in given) if given is not None else (getattr(args, name) == defaults[name]):
             setattr(args, name, value)
+    return args
+
+
+def resolve_auto_resume(args, script: str):
+    """`--resume auto` (a relaunch of the same command, e.g. a SLURM --requeue, continues the run): the run
+    directory is OUT/RUN_NAME; if it holds a complete checkpoint, args.resume becomes that directory (then
+    everything is as `--resume OUT/RUN_NAME`, also for a run that already finished); otherwise args.resume
+    becomes "" and the run starts fresh there. A directory left by an attempt killed before its first checkpoint
+    is taken over: its metrics.jsonl rows and snapshots are dropped (the fresh run logs and writes them again);
+    its config.json, env.json, ... stay, a changed one written beside (common/runlog.py). Any other --resume is
+    returned as is.
+
+    Before the process group exists: every rank reads the same directory (nothing writes a checkpoint at start
+    up, so all decide alike); the rank 0 of torchrun's RANK (or a plain process) prints and drops."""
+    import os
+    from common.checkpoint import drop_snapshots_after, latest_checkpoint
+    from common.runlog import truncate_metrics
+    if getattr(args, "resume", "") != "auto":
+        return args
+    run_dir = os.path.join(args.out, args.run_name)
+    ckpt = latest_checkpoint(run_dir)
+    args.resume = run_dir if ckpt else ""
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0 and ckpt:
+        print(f"[{script}] --resume auto: continuing {run_dir} from {ckpt}", flush=True)
+    elif rank0 and os.path.isdir(run_dir):
+        print(f"[{script}] --resume auto: {run_dir} holds no complete checkpoint: starting the run there afresh "
+              f"(dropped {truncate_metrics(os.path.join(run_dir, 'metrics.jsonl'), 0)} metrics rows and the "
+              f"snapshots of the earlier attempt)", flush=True)
+        drop_snapshots_after(run_dir, 0)
+    elif rank0:
+        print(f"[{script}] --resume auto: no run in {run_dir} yet: starting it", flush=True)
     return args

@@ -13,11 +13,12 @@ A run dir (named like cleanrl's, "{name}__{seed}__{YYYYmmdd-HHMMSS}", unless con
     code.diff        `git diff HEAD` when the tree is dirty (untracked files are only listed, in env.json)
     command.txt      the command line; <script>.py  a copy of the launching script
     metrics.jsonl    one JSON object per logged step: {"step": 10, "time": <unix seconds>, "charts/...": ...}
-    checkpoints/     see common/checkpoint.py
+    checkpoints/     see common/checkpoint.py; snapshots/ (--snapshot-every) too
 
 A resume into the same dir never overwrites these: a file whose new content differs is written beside
-the old one as e.g. `env.resume-20250101-120000.json` (a changed config also warns), so the dir keeps
-the history of every launch that wrote into it.
+the old one as e.g. `env.resume-20250101-120000.json` (a changed config also warns; the --resume flag
+alone is no change), so the dir keeps the history of every launch that wrote into it. These files are
+written whole (tmp file, then rename), so a run killed while writing them leaves no half a config.
 
 JSON has no NaN or infinity: metrics.jsonl stores them as the strings "nan", "inf" and "-inf" (not null,
 which would hide that the loss diverged, and not bare NaN, which jq and browsers reject), and
@@ -125,8 +126,9 @@ def _write_once(path: str, text: str, stamp: str, resuming: bool) -> str | None:
                     return None
         stem, ext = os.path.splitext(path)
         path = f"{stem}.resume-{stamp}{ext}"
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:     # whole or absent: a run killed here must not leave half a config
         f.write(text)
+    os.replace(path + ".tmp", path)
     return path
 
 
@@ -190,12 +192,26 @@ def check_shared_storage(run_dir: str):
         os.remove(path)
 
 
+def _without_resume(config_text: str) -> dict | None:
+    """A config's JSON text as a dict without its "resume" entry; None if it is not a JSON object."""
+    try:
+        config = json.loads(config_text)
+    except ValueError:
+        return None
+    return {k: v for k, v in config.items() if k != "resume"} if isinstance(config, dict) else None
+
+
 def _write_run_files(run_dir: str, config: dict, stamp: str):
     config_path = os.path.join(run_dir, "config.json")
     resuming = os.path.exists(config_path)
     os.makedirs(run_dir, exist_ok=True)
     # default=str: a Path or dtype in the config is recorded by its text rather than failing the run.
     config_text = json.dumps(config, indent=1, sort_keys=True, default=str) + "\n"
+    if resuming:
+        with open(config_path, errors="replace") as f:
+            first = f.read()
+        if _without_resume(first) == _without_resume(config_text):
+            config_text = first                     # only --resume differs (every relaunch's): no change to record
     written = _write_once(config_path, config_text, stamp, resuming)
     if resuming and written:
         warnings.warn(f"resuming into {run_dir} with a different config: kept config.json, wrote {written}")
@@ -261,6 +277,20 @@ def _restore_nonfinite(value):
     return value
 
 
+def truncate_metrics(path: str, step: int) -> int:
+    """Keep the rows of metrics.jsonl `path` with a step <= `step` (0: none), rewritten atomically; returns the
+    number of rows dropped (0 when there is no file)."""
+    if not os.path.exists(path):
+        return 0
+    rows = _parse_lines(path)
+    keep = [r for r in rows if r["step"] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(tmp, path)
+    return len(rows) - len(keep)
+
+
 class MetricsLogger:
     """Appends one JSON line per step to run_dir/metrics.jsonl, flushed at once, so a crash loses at most
     the line being written. Mirrors to wandb and/or tensorboard when asked and installed (a warning, not
@@ -324,14 +354,9 @@ class MetricsLogger:
         if not self.enabled or not os.path.exists(self.path):
             return 0
         self.file.close()
-        rows = _parse_lines(self.path)
-        keep = [r for r in rows if r["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(tmp, self.path)
+        dropped = truncate_metrics(self.path, step)
         self.file = open(self.path, "a")
-        return len(rows) - len(keep)
+        return dropped
 
     def close(self) -> None:
         if self.file is not None:

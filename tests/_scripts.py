@@ -1,6 +1,7 @@
 """Helpers for the end-to-end tests of the training scripts: run one in a subprocess (plain or under
-torchrun on gloo) or in this process with its rollouts recorded (run_in_process), read what it wrote, and compare
-two runs; `python tests/_scripts.py SCRIPT OUT ARGV...` runs a script with the models it builds inspected."""
+torchrun on gloo), in this process with its rollouts recorded (run_in_process), or killed by SIGKILL at a chosen
+point (run_killed), read what it wrote, and compare two runs; `python tests/_scripts.py SCRIPT OUT ARGV...` runs a
+script with the models it builds inspected."""
 import dataclasses
 import math
 import os
@@ -24,6 +25,47 @@ def run_script(script: str, args: list, *, nproc: int = 1, timeout: int = 420, c
         raise AssertionError(f"{' '.join(cmd)}\nexited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
                              f"--- stderr\n{proc.stderr[-8000:]}")
     return proc
+
+
+def run_killed(script: str, args: list, kill_at: str, *, timeout: int = 420):
+    """`python script args` as run_script runs it, but SIGKILLed (no cleanup, no flush, as a node failure or a
+    SLURM preemption) at the N-th call of a function: kill_at = "module:function:N", e.g.
+    "common.checkpoint:_save_optimizer:2" dies inside the second save_checkpoint, its files half written. The
+    script sees the same sys.argv as a plain run (its run directory records `python script args`). Returns the
+    CompletedProcess; AssertionError unless it died by SIGKILL."""
+    import signal
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, os.path.abspath(__file__), "--kill-at", kill_at, script] + [str(a) for a in args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != -signal.SIGKILL:
+        raise AssertionError(f"{' '.join(cmd)}\nexited {proc.returncode}, not by SIGKILL at {kill_at}\n--- stdout\n"
+                             f"{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def _killed_main():
+    """`python tests/_scripts.py --kill-at MODULE:FUNCTION:N SCRIPT ARGV...` (run_killed)."""
+    import importlib
+    import signal
+    sys.path.insert(0, ROOT)
+    _, where, script, *argv = sys.argv[1:]
+    module_name, function, n = where.split(":")
+    module, calls = importlib.import_module(module_name), [0]
+    real = getattr(module, function)
+
+    def killer(*a, **kw):
+        calls[0] += 1
+        if calls[0] == int(n):
+            print(f"[run_killed] SIGKILL at call {n} of {module_name}.{function}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **kw)
+    setattr(module, function, killer)
+    mod = importlib.import_module(os.path.splitext(script)[0])
+    if module is not mod and hasattr(mod, function) and getattr(mod, function) is real:
+        setattr(mod, function, killer)          # a name the script imported from the module
+    sys.argv = [script, *argv]                  # as `python script ...` from ROOT (run_script's cwd)
+    mod.main(argv)
 
 
 def metrics(run_dir: str) -> list[dict]:
@@ -241,4 +283,4 @@ def inspect_models_main():
 
 
 if __name__ == "__main__":
-    inspect_models_main()
+    _killed_main() if sys.argv[1:2] == ["--kill-at"] else inspect_models_main()

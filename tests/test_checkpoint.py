@@ -15,8 +15,9 @@ import torch
 from safetensors import safe_open
 
 import common.checkpoint
-from common.checkpoint import (check_disk_space, checkpoint_bytes, count_params, latest_checkpoint, load_checkpoint,
-                               save_checkpoint, save_hf, stored_dtype)
+from common.checkpoint import (check_disk_space, checkpoint_bytes, count_params, drop_snapshots_after,
+                               latest_checkpoint, load_checkpoint, save_checkpoint, save_hf, save_snapshot,
+                               stored_dtype)
 from common.loading import make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,6 +278,12 @@ def test_check_disk_space_exits_with_one_line(tmp_path, monkeypatch):
         check_disk_space(run_dir, n, torch.bfloat16, keep_last=0)
     # without the optimizer (a frozen model's run) the need is smaller and fits
     check_disk_space(run_dir, n, torch.bfloat16, keep_last=2, optimizer=False)
+    # --snapshot-every: one snapshot (the bf16 export alone, 2 B/param) on top of the checkpoint
+    free["bytes"] = need + 2 * n
+    check_disk_space(run_dir, n, torch.bfloat16, keep_last=2, snapshot=True)
+    free["bytes"] = need + 2 * n - 1
+    with pytest.raises(SystemExit, match=rf"needs {(need + 2 * n) / 1e9:.1f} GB .*\+ a bfloat16 snapshot"):
+        check_disk_space(run_dir, n, torch.bfloat16, keep_last=2, snapshot=True)
 
 
 def test_crash_mid_save_leaves_only_tmp_and_next_save_cleans_up(tiny, tmp_path, monkeypatch):
@@ -314,6 +321,25 @@ def test_keep_last_prunes_oldest_and_resave_replaces(tiny, tmp_path):
         save_checkpoint(run, step, model, tok, keep_last=0)   # <= 0 keeps all
     assert len(os.listdir(os.path.join(run, "checkpoints"))) == 4
     assert latest_checkpoint(str(tmp_path / "nothing_here")) is None
+
+
+def test_snapshots_are_hf_dirs_kept_by_keep_last_and_dropped_after_a_resumed_step(tiny, tmp_path):
+    """save_snapshot: the HF export alone (bf16 here, no resume/), which keep_last never prunes; drop_snapshots_after
+    removes the later steps' (and a killed write's .tmp), as a run resumed from an earlier checkpoint does."""
+    model, tok, opt = scripts_model_trained(tiny["model"], steps=1)
+    run = str(tmp_path)
+    for step in (1, 2, 3):
+        save_snapshot(run, step, model, tok, dtype=torch.bfloat16)
+        save_checkpoint(run, step, model, tok, opt, keep_last=1)
+    assert os.listdir(os.path.join(run, "checkpoints")) == ["step_000003"]
+    snaps = os.path.join(run, "snapshots")
+    assert sorted(os.listdir(snaps)) == ["step_000001", "step_000002", "step_000003"]
+    one = os.path.join(snaps, "step_000001")
+    assert "resume" not in os.listdir(one) and safetensors_dtypes(one) == {"BF16"}
+    assert stored_dtype(one) == torch.bfloat16
+    os.makedirs(os.path.join(snaps, "step_000004.tmp"))
+    drop_snapshots_after(run, 1)
+    assert os.listdir(snaps) == ["step_000001"]
 
 
 def test_clear_errors(tiny, tmp_path):
