@@ -46,7 +46,8 @@ from common.batching import default_micro_batch_tokens, pack_padding_free, plan_
 from common.calibrate import solve_tau, tempered_entropy
 from common.checkpoint import (check_disk_space, drop_snapshots_after, latest_checkpoint, load_checkpoint,
                                save_checkpoint, save_hf, save_snapshot, stored_dtype)
-from common.cli import arg, check_context_length, parse_args, resolve_auto_resume, with_resumed_config
+from common.cli import (arg, check_context_length, check_new_run_dir, parse_args, resolve_auto_resume,
+                        with_resumed_config)
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
 from common.dist import (all_reduce, check_sharding, cleanup_distributed, derive_seed, full_params, init_distributed,
                          print0, resolve_model_path, seed_everything, unwrap, use_bf16)
@@ -331,6 +332,7 @@ def main(argv=None):
         return closed_form_reheat(resolve_model_path(args.ckpt), args.tau, args.out)
     if args.closed_form:
         return calibrated_closed_form(args)
+    check_new_run_dir(args)                             # a fresh run into a directory holding one: refused
     args = with_resumed_config(resolve_auto_resume(args, "reheat_tsopsd"))
 
     # ------------------------------------------------------------------------- setup

@@ -131,6 +131,17 @@ def with_resumed_config(args):
     return args
 
 
+def check_new_run_dir(args):
+    """A run started without --resume whose --run-name names a directory that already holds a run (a complete
+    checkpoint or final/) would write a second run's steps and checkpoints into it: refused, before anything loads."""
+    import os
+    from common.checkpoint import latest_checkpoint
+    run_dir = os.path.join(args.out, args.run_name) if args.run_name else None
+    if not args.resume and run_dir and (latest_checkpoint(run_dir) or os.path.isdir(os.path.join(run_dir, "final"))):
+        raise SystemExit(f"--run-name {args.run_name}: {run_dir} already holds a run (checkpoints or final/): "
+                         f"--resume auto continues it; another --run-name (or removing it) starts a new one")
+
+
 def resolve_auto_resume(args, script: str):
     """`--resume auto` (a relaunch of the same command, e.g. a SLURM --requeue, continues the run): the run
     directory is OUT/RUN_NAME; if it holds a complete checkpoint, args.resume becomes that directory (then

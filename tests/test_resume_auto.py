@@ -84,6 +84,22 @@ def test_auto_without_a_run_name_fails_before_anything_runs(script, tiny, tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("script", [rl_dapo, reheat_tsopsd])
+@pytest.mark.parametrize("held", ["final", "checkpoint"])
+def test_a_fresh_run_into_a_directory_holding_a_run_is_refused(script, held, tiny, tmp_path):
+    """Without --resume, a --run-name whose directory holds a run (final/ or a complete checkpoint) would mix two
+    runs' steps and checkpoints: a one-line error naming --resume auto, before anything is written or loaded."""
+    run = tmp_path / "runs" / "taken"
+    (run / ("final" if held == "final" else "checkpoints/step_000002")).mkdir(parents=True)
+    before = sorted(str(p) for p in (tmp_path / "runs").rglob("*"))
+    start = ["--model" if script is rl_dapo else "--ckpt", tiny["model"]]
+    with pytest.raises(SystemExit) as e:
+        script.main([*start, "--data", tiny["train"], "--prompt-style", "plain", "--run-name", "taken",
+                     "--out", str(tmp_path / "runs")])
+    assert str(e.value.code).startswith("--run-name taken:") and "--resume auto" in str(e.value.code)
+    assert "\n" not in str(e.value.code) and sorted(str(p) for p in (tmp_path / "runs").rglob("*")) == before
+
+
 # ----------------------------------------------------------------------------- the scripts, killed and relaunched
 
 @pytest.mark.slow
