@@ -198,6 +198,18 @@ MUTANTS = [
     Mutant("activation_checkpointing_off", "shard_model leaves the model in eval mode: checkpointing never runs",
            [("common/dist.py", "root.train(requires_grad)", "root.eval()")],
            ["tests/test_activation_checkpointing.py::test_the_loaded_model_recomputes_every_layer_in_backward"]),
+    # ---- the reheat's stop and teacher (issue 20), --resume auto (issue 22)
+    Mutant("target_window_last_step", "--target-window compares only the last step's entropy with the target",
+           [("reheat_tsopsd.py", "return sum(window) / len(window) if len(window) == args.target_window else None",
+             "return window[-1] if window else None")],
+           ["tests/test_reheat.py::test_target_window_stops_on_the_mean_of_the_last_steps_and_resumes_with_it"]),
+    Mutant("teacher_entropy_ignored", "--calibrate-tau calibrates to --target-entropy even when --teacher-entropy is given",
+           [("reheat_tsopsd.py", "return args.teacher_entropy if args.teacher_entropy is not None else args.target_entropy",
+             "return args.target_entropy")],
+           ["tests/test_calibrate.py::test_reheat_calibrates_tau_on_its_own_samples"]),
+    Mutant("resume_auto_restarts", "--resume auto starts afresh even when the run directory holds a checkpoint",
+           [("common/cli.py", 'args.resume = run_dir if ckpt else ""', 'args.resume = ""')],
+           ["tests/test_resume_auto.py::test_auto_continues_a_checkpoint_and_otherwise_takes_over_the_directory"]),
 ]
 
 
