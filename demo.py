@@ -32,9 +32,9 @@ that was supervised on noisy worked arithmetic (assets/tiny_math: `python -m com
   4. results    OUT/results.md: the regime reached (the three numbers of the collapse, with their targets),
                 the arms' table and tests, every number read from the runs' own outputs; plots in OUT/eval/plots
 
-    python demo.py                      # ~10 minutes on 2 CPU cores, 1 seed
+    python demo.py                      # ~8 minutes on 2 CPU cores, 1 seed
     python demo.py --seeds 3            # three seeds per arm (~12 minutes): mean and 95% CI, seed-aware tests
-    python demo.py --seeds 3 --sweep    # and the dose-response (~30 minutes)
+    python demo.py --seeds 3 --sweep    # and the dose-response (39 minutes measured, beside other jobs)
     python demo.py --quick              # a few steps of everything (what CI runs)
 
 Learning rates are 50-250x the paper's 2e-6: the tiny model needs them to move in hundreds of steps. What a toy
