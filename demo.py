@@ -88,8 +88,8 @@ class Args:
     reheat_lr: float = arg(5e-4, "TS-OPSD learning rate (at 3e-4 forward KL was short of H after 40 steps)")
     teacher_factor: float = arg(1.5, "the TS-OPSD teacher's tau is calibrated to this multiple of the reheat's target "
                                 "entropy (reheat_tsopsd --teacher-entropy): with the teacher at the target itself the "
-                                "student levelled off at ~0.75 of it in 100 steps; at 1.5x it stops in ~30 steps within "
-                                "10% of it, at 2x it overshot by 40% (measured from the 3-seed run's collapse)")
+                                "student levelled off at ~0.75 of it in 100 steps; at 1.5x it stopped in 16-54 steps within "
+                                "10% of it (3 seeds), at 2x it overshot by 40% (measured from the 3-seed run's collapse)")
     target_window: int = arg(5, "TS-OPSD stops when the mean of its last this-many steps' entropy reaches the target "
                              "(reheat_tsopsd --target-window): one step's 16 prompts first cross it on a blip (the "
                              "3-seed run with a window of 1 stopped 15-30% short)")
