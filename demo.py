@@ -434,6 +434,11 @@ def regime(collapse_dir: str, evals: dict, evals_train: dict, k: int, last: int 
     return out
 
 
+def ci_text(t: dict | None) -> str:
+    """One test between arms (evaluate.py's arms JSON) as 'diff [lo, hi], p = ...'."""
+    return f"{t['diff']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], p = {t['p_value']:.4f}" if t else "-"
+
+
 def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, collapse, train, timings, target, tau,
                   seconds, sweep=None):
     """results.md: every number read from the runs' metrics.jsonl and evaluate.py's JSON, none typed in."""
@@ -525,16 +530,14 @@ def write_results(out, args, ckpts, arm_runs, reheated, eval_dir, eval_train, co
     arm_tests = [t for path in glob.glob(os.path.join(eval_dir, "arms__*.json"))
                  for t in json.load(open(path))["tests"] if t["benchmark"] == "heldout"]
     if arm_tests:                               # every pair of arms: problems only, then with seed variance
-        def ci(t):
-            return f"{t['diff']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], p = {t['p_value']:.4f}" if t else "-"
         lines += ["", f"Arm A - arm B, held-out avg@{k} (95% CI, two-sided p). Problems only: paired bootstrap over "
                   f"problems of the seed-averaged accuracy, blind to training-seed variance. Seeds + problems: each "
                   f"resample also redraws each arm's seeds. Paired t: the per-seed differences (seed i of A against "
                   f"seed i of B).", "", "| A - B | problems only | seeds + problems | paired t over seeds |",
                   "|---|---|---|---|"]
         for t in arm_tests:
-            lines.append(f"| {t['a']} - {t['b']} | {ci(t)} | {ci(t.get('seed_bootstrap'))} | "
-                         f"{ci(t.get('seed_paired_t'))} |")
+            lines.append(f"| {t['a']} - {t['b']} | {ci_text(t)} | {ci_text(t.get('seed_bootstrap'))} | "
+                         f"{ci_text(t.get('seed_paired_t'))} |")
     lines += ["", "Checkpoints before continued RL (held-out):", "",
               f"| checkpoint | avg@{k} | pass@{k} | ent_t1 |", "|---|---|---|---|"]
     for name in ["start", "collapsed", "closed_form"] + [f"reheated_s{s}" for s in reheated]:
@@ -619,33 +622,29 @@ def sweep_section(args, sweep, starts, eval_sweep, evals, evals_train, target, e
              f"problems, k={k}, after the continued RL. Mean ± 95% t half-width over seeds.", "",
              f"| method | target | teacher tau | reheat steps | start entropy | continued RL: held-out avg@{k} | "
              f"pass@{k} | ent_t1 |", "|---|---|---|---|---|---|---|---|"]
-    points["plain", 0] = (stat(start_entropy([collapsed])), stat(accuracy(plain, f"avg@{k}")),
-                          stat(accuracy(plain, f"pass@{k}")))
-    lines.append(f"| plain (no reheat) | - | - | - | {fmt(start_entropy([collapsed]))} | "
-                 f"{fmt(accuracy(plain, f'avg@{k}'))} | {fmt(accuracy(plain, f'pass@{k}'))} | "
-                 f"{fmt(accuracy(plain, 'ent_t1'))} |")
+    def row(key, label, target_text, tau_text, steps_text, start_paths, dirs):
+        ent, avg, pas = start_entropy(start_paths), accuracy(dirs, f"avg@{k}"), accuracy(dirs, f"pass@{k}")
+        points[key] = (stat(ent), stat(avg), stat(pas))
+        lines.append(f"| {label} | {target_text} | {tau_text} | {steps_text} | {fmt(ent)} | {fmt(avg)} | {fmt(pas)} | "
+                     f"{fmt(accuracy(dirs, 'ent_t1'))} |")
+
+    row(("plain", 0), "plain (no reheat)", "-", "-", "-", [collapsed], plain)
     for f in SWEEP_FACTORS:
         for m in SWEEP:
-            dirs, paths = sweep[m, f], starts[m, f]
-            taus, steps = zip(*[reheat_of(p) for p in paths])
-            ent = start_entropy(paths)
-            points[m, f] = (stat(ent), stat(accuracy(dirs, f"avg@{k}")), stat(accuracy(dirs, f"pass@{k}")))
-            lines.append(f"| {m} | {f:g} x H = {f * target:.3f} | {'/'.join(f'{t:.3f}' for t in dict.fromkeys(taus))} "
-                         f"| {'-' if steps[0] is None else '/'.join(map(str, steps))} | {fmt(ent)} | "
-                         f"{fmt(accuracy(dirs, f'avg@{k}'))} | {fmt(accuracy(dirs, f'pass@{k}'))} | "
-                         f"{fmt(accuracy(dirs, 'ent_t1'))} |")
+            taus, steps = zip(*[reheat_of(p) for p in starts[m, f]])
+            tau_text = f"{taus[0]:.3f}" if m == "closed" else "/".join(f"{t:.3f}" for t in taus)   # closed: one
+            row((m, f), m, f"{f:g} x H = {f * target:.3f}", tau_text, "-" if m == "closed" else "/".join(map(str, steps)),
+                starts[m, f], sweep[m, f])
     tests = [t for path in glob.glob(os.path.join(eval_sweep, "arms__*.json")) for t in json.load(open(path))["tests"]
              if t["benchmark"] == "heldout"]
     pairs = {(f"{m}_x{f:g}", f"closed_x{f:g}"): f for f in SWEEP_FACTORS for m in SWEEP if m != "closed"}
     chosen = [t for t in tests if (t["a"], t["b"]) in pairs]
     if chosen:
-        def ci(t):
-            return f"{t['diff']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], p = {t['p_value']:.4f}" if t else "-"
         lines += ["", f"TS-OPSD - closed form at each target, continued-RL held-out avg@{k} (95% CI, two-sided p; the "
                   f"three tests of section 2):", "", "| A - B | problems only | seeds + problems | paired t over seeds |",
                   "|---|---|---|---|"]
-        lines += [f"| {t['a']} - {t['b']} | {ci(t)} | {ci(t.get('seed_bootstrap'))} | {ci(t.get('seed_paired_t'))} |"
-                  for t in chosen]
+        lines += [f"| {t['a']} - {t['b']} | {ci_text(t)} | {ci_text(t.get('seed_bootstrap'))} | "
+                  f"{ci_text(t.get('seed_paired_t'))} |" for t in chosen]
     start = evals.get("start", {}).get("macro", {})
     plot_sweep(points, target, (start.get(f"avg@{k}"), start.get(f"pass@{k}")), k,
                os.path.join(eval_dir, "plots", "sweep.png"))

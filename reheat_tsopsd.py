@@ -46,8 +46,7 @@ from common.batching import default_micro_batch_tokens, pack_padding_free, plan_
 from common.calibrate import solve_tau, tempered_entropy
 from common.checkpoint import (check_disk_space, drop_snapshots_after, latest_checkpoint, load_checkpoint,
                                save_checkpoint, save_hf, save_snapshot, stored_dtype)
-from common.cli import (arg, check_context_length, check_new_run_dir, parse_args, resolve_auto_resume,
-                        with_resumed_config)
+from common.cli import arg, check_context_length, parse_args, resolve_resume, with_resumed_config
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
 from common.dist import (all_reduce, check_sharding, cleanup_distributed, derive_seed, full_params, init_distributed,
                          print0, resolve_model_path, seed_everything, unwrap, use_bf16)
@@ -332,8 +331,7 @@ def main(argv=None):
         return closed_form_reheat(resolve_model_path(args.ckpt), args.tau, args.out)
     if args.closed_form:
         return calibrated_closed_form(args)
-    check_new_run_dir(args)                             # a fresh run into a directory holding one: refused
-    args = with_resumed_config(resolve_auto_resume(args, "reheat_tsopsd"))
+    args = with_resumed_config(resolve_resume(args, "reheat_tsopsd"))   # --resume auto; a taken --run-name refused
 
     # ------------------------------------------------------------------------- setup
     info, ckpt, problems, tokenizer, max_prompt, max_positions = setup(args)
@@ -365,8 +363,8 @@ def main(argv=None):
         resumed = latest_checkpoint(args.resume)
         state = load_checkpoint(resumed, student, optimizer)
         start_step, cursor = state["step"], state["cursor"]
-        entropies = state.get("entropies", [state["student_entropy"]] if state.get("student_entropy") is not None
-                                                       else [])
+        last = state.get("student_entropy")            # what checkpoints before --target-window held
+        entropies = state.get("entropies", [] if last is None else [last])
         args.tau = state.get("tau", args.tau)           # a calibrated tau is part of the run's state
         print0(f"[reheat_tsopsd] resumed from {resumed} at step {start_step}")
     logger = MetricsLogger(run_dir, enabled=info.is_main, wandb_project=args.wandb_project or None,
@@ -507,9 +505,9 @@ def main(argv=None):
               "rollout/distinct_answers": tot[6].item() / max(tot[7].item(), 1),
               "rollout/response_len_mean": tot[8].item() / max(tot[5].item(), 1),
               "train/grad_norm": gn.item(), "train/tokens": n_tok_global, "time/step": time.time() - t_step}
-        entropies = (entropies + [m["reheat/student_entropy"]])[-max(args.target_window, 1):]
-        if stop_entropy(entropies) is not None:
-            m["reheat/stop_entropy"] = stop_entropy(entropies)
+        entropies = (entropies + [m["reheat/student_entropy"]])[-args.target_window:]
+        if (e := stop_entropy(entropies)) is not None:
+            m["reheat/stop_entropy"] = e
         logger.log(step + 1, m)
         pbar.set_postfix(ent=f"{m['reheat/student_entropy']:.3f}", kl=f"{m['reheat/divergence']:.4f}",
                          acc=f"{m['rollout/accuracy']:.3f}")
@@ -518,8 +516,8 @@ def main(argv=None):
             save_snapshot(run_dir, done, student, tokenizer, dtype=export_dtype)
         if args.save_every and done % args.save_every == 0 and done < args.steps:
             save_checkpoint(run_dir, done, student, tokenizer, optimizer,
-                            {"step": done, "cursor": cursor, "student_entropy": entropies[-1], "entropies": entropies,
-                             "tau": args.tau}, keep_last=args.keep_last, dtype=export_dtype)
+                            {"step": done, "cursor": cursor, "entropies": entropies, "tau": args.tau},
+                            keep_last=args.keep_last, dtype=export_dtype)
         if target_reached(entropies):
             print0(f"[reheat_tsopsd] student entropy {stop_entropy(entropies):.4f} (mean of the last "
                    f"{args.target_window} steps) >= target {args.target_entropy}: stopping")
@@ -527,8 +525,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------- save
     save_checkpoint(run_dir, step + 1, student, tokenizer, optimizer,
-                    {"step": step + 1, "cursor": cursor, "student_entropy": entropies[-1] if entropies else None,
-                     "entropies": entropies, "tau": args.tau},
+                    {"step": step + 1, "cursor": cursor, "entropies": entropies, "tau": args.tau},
                     keep_last=args.keep_last, dtype=export_dtype)
     final = os.path.join(run_dir, "final")
     save_hf(final, student, tokenizer, dtype=export_dtype)

@@ -44,8 +44,7 @@ from tqdm import tqdm
 from common.batching import agree_on_groups, build_step_batch, concat, default_micro_batch_tokens, pack_padding_free
 from common.checkpoint import (check_disk_space, drop_snapshots_after, latest_checkpoint, load_checkpoint,
                                save_checkpoint, save_hf, save_snapshot, stored_dtype)
-from common.cli import (arg, check_context_length, check_new_run_dir, parse_args, resolve_auto_resume,
-                        with_resumed_config)
+from common.cli import arg, check_context_length, parse_args, resolve_resume, with_resumed_config
 from common.data import PROMPT_STYLES, DataError, cycle_problems, load_problems, render_prompt
 from common.dist import (all_reduce, check_model_path, check_sharding, cleanup_distributed, derive_seed,
                          init_distributed, print0, resolve_model_path, seed_everything)
@@ -349,8 +348,7 @@ def token_mean_scales(n_resp: list[int], per_mini: int, world_size: int) -> list
 def main(argv=None):
     args = parse_args(Args, argv, description=__doc__)
     check_args(args)
-    check_new_run_dir(args)                             # a fresh run into a directory holding one: refused
-    args = with_resumed_config(resolve_auto_resume(args, "rl_dapo"))
+    args = with_resumed_config(resolve_resume(args, "rl_dapo"))   # --resume auto; a taken --run-name refused
 
     # ------------------------------------------------------------------------- setup
     info = init_distributed(args.device)

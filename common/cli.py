@@ -8,8 +8,8 @@
 Each field becomes `--lr` (underscores as dashes) in `--help`, grouped under its group; booleans get
 `--flag/--no-flag`. `choices` are checked by argparse, so a bad value fails before any compute; so is a
 float that is not finite (nan, inf), for every float flag. check_context_length tells a run whose prompts
-plus responses cannot fit the model's positions before it loads any weights. with_resumed_config and
-resolve_auto_resume implement --resume DIR and --resume auto.
+plus responses cannot fit the model's positions before it loads any weights. resolve_resume and
+with_resumed_config implement --resume auto and --resume DIR.
 """
 import argparse
 import dataclasses
@@ -131,35 +131,30 @@ def with_resumed_config(args):
     return args
 
 
-def check_new_run_dir(args):
-    """A run started without --resume whose --run-name names a directory that already holds a run (a complete
-    checkpoint or final/) would write a second run's steps and checkpoints into it: refused, before anything loads."""
-    import os
-    from common.checkpoint import latest_checkpoint
-    run_dir = os.path.join(args.out, args.run_name) if args.run_name else None
-    if not args.resume and run_dir and (latest_checkpoint(run_dir) or os.path.isdir(os.path.join(run_dir, "final"))):
-        raise SystemExit(f"--run-name {args.run_name}: {run_dir} already holds a run (checkpoints or final/): "
-                         f"--resume auto continues it; another --run-name (or removing it) starts a new one")
+def resolve_resume(args, script: str):
+    """The run directory's state against --resume, before anything loads.
 
-
-def resolve_auto_resume(args, script: str):
-    """`--resume auto` (a relaunch of the same command, e.g. a SLURM --requeue, continues the run): the run
+    `--resume auto` (a relaunch of the same command, e.g. a SLURM --requeue, continues the run): the run
     directory is OUT/RUN_NAME; if it holds a complete checkpoint, args.resume becomes that directory (then
     everything is as `--resume OUT/RUN_NAME`, also for a run that already finished); otherwise args.resume
     becomes "" and the run starts fresh there. A directory left by an attempt killed before its first checkpoint
     is taken over: its metrics.jsonl rows and snapshots are dropped (the fresh run logs and writes them again);
-    its config.json, env.json, ... stay, a changed one written beside (common/runlog.py). Any other --resume is
-    returned as is.
+    its config.json, env.json, ... stay, a changed one written beside (common/runlog.py). `--resume DIR` is
+    returned as is. No --resume, and a --run-name whose directory already holds a run (a complete checkpoint or
+    final/): refused, as a second run's steps and checkpoints would be mixed into it.
 
     Before the process group exists: every rank reads the same directory (nothing writes a checkpoint at start
     up, so all decide alike); the rank 0 of torchrun's RANK (or a plain process) prints and drops."""
     import os
     from common.checkpoint import drop_snapshots_after, latest_checkpoint
     from common.runlog import truncate_metrics
-    if getattr(args, "resume", "") != "auto":
+    run_dir = os.path.join(args.out, args.run_name) if args.run_name else None
+    ckpt = latest_checkpoint(run_dir) if run_dir else None
+    if not args.resume and run_dir and (ckpt or os.path.isdir(os.path.join(run_dir, "final"))):
+        raise SystemExit(f"--run-name {args.run_name}: {run_dir} already holds a run (checkpoints or final/): "
+                         f"--resume auto continues it; another --run-name (or removing it) starts a new one")
+    if args.resume != "auto":
         return args
-    run_dir = os.path.join(args.out, args.run_name)
-    ckpt = latest_checkpoint(run_dir)
     args.resume = run_dir if ckpt else ""
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0 and ckpt:

@@ -14,7 +14,7 @@ import evaluate
 import reheat_tsopsd
 import rl_dapo
 from common.checkpoint import latest_checkpoint, stored_dtype
-from common.cli import resolve_auto_resume
+from common.cli import resolve_resume
 from tests._scripts import (assert_rows_match, assert_same_weights, metrics, run_in_process, run_killed, run_script,
                             weights)
 from test_reheat import reheat_args
@@ -50,7 +50,7 @@ def test_auto_continues_a_checkpoint_and_otherwise_takes_over_the_directory(tmp_
     first complete checkpoint (a half-written step_*.tmp): a fresh run there, that attempt's metrics and snapshots
     dropped. Another --resume is left alone."""
     def auto(name, resume="auto"):
-        return resolve_auto_resume(types.SimpleNamespace(resume=resume, out=str(tmp_path), run_name=name), "x")
+        return resolve_resume(types.SimpleNamespace(resume=resume, out=str(tmp_path), run_name=name), "x")
 
     assert auto("new").resume == "" and not (tmp_path / "new").exists()
     killed = tmp_path / "killed"
